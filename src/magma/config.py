@@ -1,0 +1,133 @@
+"""Load and validate a config against workflow/schemas/config.schema.yaml.
+
+Errors name the key (`steps.image_pyramid.num_mip`) and, for typos, the key
+that was probably meant. Defaults from the schema are filled in so the rest of
+magma never has to guess.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .errors import MagmaError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+# ops of the SPEC that later releases add; named so the error says "not yet", not "unknown"
+PLANNED_OPS = {
+    "mesh", "skeleton", "ccl", "voxel_counts", "contrast", "quantize", "reorder", "roi", "remap",
+    "create", "mesh_transfer", "skeleton_transfer", "mesh_delete", "skeleton_delete", "skeleton_export",
+}
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def implemented_ops(schema: dict) -> list:
+    return sorted(k for k, v in schema["$defs"].items() if isinstance(v, dict) and "op" in v.get("properties", {}))
+
+
+def _where(prefix: str, path) -> str:
+    parts = [prefix] + [str(p) for p in path]
+    return ".".join(p for p in parts if p)
+
+
+def _message(err: jsonschema.ValidationError, prefix: str) -> str:
+    where = _where(prefix, err.absolute_path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        hints = []
+        for key in extra:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return f"{where}: unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
+    if err.validator == "required":
+        return f"{where}: {err.message}"
+    if err.validator == "propertyNames":
+        return f"{where}: name {err.instance!r} must start with a letter and use only letters, digits, _ and -"
+    return f"{where or 'config'}: {err.message}"
+
+
+def _raise_first(validator, instance, prefix: str) -> None:
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise MagmaError("config: " + _message(best, prefix))
+
+
+def _fill_defaults(schema: dict, instance: dict, root: dict) -> None:
+    for key, sub in schema.get("properties", {}).items():
+        if "$ref" in sub and "default" not in sub:
+            sub = _resolve(sub["$ref"], root)
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if isinstance(instance.get(key), dict) and sub.get("type") == "object":
+            _fill_defaults(sub, instance[key], root)
+
+
+def _resolve(ref: str, root: dict) -> dict:
+    node = root
+    for part in ref.lstrip("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def validate(config: dict) -> dict:
+    """A validated copy of `config` with every default filled in."""
+    schema = load_schema()
+    cfg = copy.deepcopy(config or {})
+    cls = jsonschema.Draft202012Validator
+    top = {k: v for k, v in schema.items() if k != "$defs"} | {"$defs": schema["$defs"]}
+    _raise_first(cls(top), cfg, "")
+    _fill_defaults(top, cfg, schema)
+
+    ops = implemented_ops(schema)
+    for name, step in cfg["steps"].items():
+        op = step["op"]
+        if op not in ops:
+            if op in PLANNED_OPS:
+                raise MagmaError(f"config: steps.{name}.op: '{op}' is not available in this version of magma yet")
+            close = difflib.get_close_matches(op, ops, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise MagmaError(f"config: steps.{name}.op: unknown op '{op}'{hint}; available: {', '.join(ops)}")
+        sub = dict(schema["$defs"][op]) | {"$defs": schema["$defs"]}
+        _raise_first(cls(sub), step, f"steps.{name}")
+        _fill_defaults(sub, step, schema)
+        for other in step.get("after", []):
+            if other not in cfg["steps"]:
+                raise MagmaError(f"config: steps.{name}.after: no step named '{other}'")
+            if other == name:
+                raise MagmaError(f"config: steps.{name}.after: a step cannot wait for itself")
+        for key in ("layer", "src", "dest"):
+            if key in step and step[key] not in cfg["layers"]:
+                raise MagmaError(
+                    f"config: steps.{name}.{key}: no layer named '{step[key]}'; layers: {', '.join(cfg['layers'])}"
+                )
+    for name in cfg["execution"]["steps"]:
+        if name not in cfg["steps"]:
+            raise MagmaError(f"config: execution.steps.{name}: no step named '{name}'")
+    if "demo" in cfg:
+        for key in ("image", "segmentation"):
+            if cfg["demo"][key] not in cfg["layers"]:
+                raise MagmaError(f"config: demo.{key}: no layer named '{cfg['demo'][key]}'")
+        if cfg["demo"]["image"] == cfg["demo"]["segmentation"]:
+            raise MagmaError("config: demo: image and segmentation must be different layers")
+    return cfg
+
+
+def load(path: str | Path) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise MagmaError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise MagmaError(f"config: {path} is not valid YAML: {exc}") from exc
+    return validate(raw)

@@ -1,0 +1,163 @@
+"""What a Snakemake job runs: a step's setup, a batch of its tasks, or its finish.
+
+Every job ends by writing its marker (atomically, after all of its data is
+stored), so a job that dies leaves no marker and is simply run again.
+"""
+from __future__ import annotations
+
+import getpass
+import itertools
+import json
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import numpy as np
+from cloudfiles import CloudFiles
+from cloudvolume import Bbox, CloudVolume
+from cloudvolume.exceptions import EmptyVolumeException
+
+from . import __version__, layers
+from .errors import MagmaError
+from .markers import read_marker, write_marker
+from .ops import OPS
+from .plan import Stage
+
+log = logging.getLogger("magma")
+
+
+def _logging(logfile):
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in ([logging.FileHandler(logfile)] if logfile else []) + [logging.StreamHandler()]:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+# ---- setup --------------------------------------------------------------------
+def missing_chunks(path: str, info: dict, mip: int, box: Bbox, limit: int) -> list | None:
+    """Names of chunks inside `box` that are not stored, or None when not checked
+    (sharded scale, or more than `limit` chunks to look at)."""
+    m = layers.meta(info)
+    if "sharding" in info["scales"][mip]:
+        return None
+    chunk = m.chunk_size(mip)
+    whole = m.bounds(mip)
+    box = Bbox.clamp(box.expand_to_chunk_size(chunk, offset=whole.minpt), whole)
+    if box.volume() == 0 or box.num_chunks(chunk) > limit:
+        return None
+    key = m.key(mip)
+    expected = set()
+    for lo in itertools.product(*(range(int(a), int(b), int(c)) for a, b, c in zip(box.minpt, box.maxpt, chunk))):
+        chunk_box = Bbox.clamp(Bbox(lo, np.asarray(lo) + chunk), whole)
+        expected.add(f"{key}/{chunk_box.to_filename()}")
+    stored = set(CloudFiles(path).list(prefix=f"{key}/"))
+    return sorted(expected - stored)
+
+
+def setup(spec: dict, marker: str, logfile=None) -> None:
+    """Check what the step will read, then write the info files it needs."""
+    _logging(logfile)
+    t0 = time.time()
+    for layer, mip, lo, hi, fill_missing in spec["checks"]:
+        if fill_missing:
+            continue
+        path = spec["paths"][layer]
+        info = layers.read_info(layer, path)
+        missing = missing_chunks(path, info, mip, Bbox(lo, hi), spec["preflight_chunk_limit"])
+        if missing is None:
+            log.info(f"[{spec['step']}] preflight: too many chunks in {layer} mip {mip} to list; checked per task")
+        elif missing:
+            raise MagmaError(
+                f"steps.{spec['step']}: layer '{layer}' mip {mip} is missing {len(missing)} chunk(s) the step reads,"
+                f" e.g. {', '.join(missing[:5])}. Set fill_missing: true to read them as background."
+            )
+    for layer, info in spec["infos"].items():
+        vol = CloudVolume(spec["paths"][layer], info=info, progress=False)
+        vol.commit_info()
+        log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/info ({len(info['scales'])} scales)")
+    write_marker(marker, {"step": spec["step"], "stage": "setup", "seconds": round(time.time() - t0, 3),
+                          "files": len(spec["infos"])})
+
+
+# ---- task batches ---------------------------------------------------------------
+def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
+    """Run tasks [first, last) of one stage with `threads` workers, then write the marker."""
+    _logging(logfile)
+    stage = Stage.from_dict(spec["stage"])
+    op = OPS[spec["op"]]
+    tasks = stage.job_tasks(spec["job"])
+    label = f"[{spec['step']} {stage.name} job {spec['job'] + 1}/{stage.jobs}]"
+    t0 = time.time()
+    totals = {"tasks": 0}
+
+    def one(i):
+        box = stage.grid.task(i)
+        try:
+            return op.run_task(stage.params, box, spec["paths"])
+        except EmptyVolumeException as exc:
+            raise MagmaError(
+                f"steps.{spec['step']}: missing chunk while reading {box.minpt.tolist()}..{box.maxpt.tolist()}"
+                f" ({exc}). Set fill_missing: true to read missing chunks as background."
+            ) from exc
+
+    log.info(f"{label} {len(tasks)} tasks on {threads} threads")
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for done, stats in enumerate(pool.map(one, tasks), start=1):
+            totals["tasks"] += 1
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + v
+            log.info(f"{label} task {done}/{len(tasks)} done ({time.time() - t0:.1f} s)")
+    totals.update(step=spec["step"], stage=stage.name, job=spec["job"], seconds=round(time.time() - t0, 3))
+    write_marker(marker, totals)
+    return totals
+
+
+# ---- finish -------------------------------------------------------------------
+def finish(spec: dict, job_markers: list, marker: str, logfile=None) -> dict:
+    """Record provenance on every layer the step wrote and sum the job markers."""
+    _logging(logfile)
+    summary = {"step": spec["step"], "op": spec["op"], "jobs": 0, "seconds": 0.0}
+    for path in job_markers:
+        m = read_marker(path)
+        summary["jobs"] += 1
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k not in ("job",):
+                summary[k] = summary.get(k, 0) + v
+    entry = {
+        "method": {"task": f"magma.{spec['op']}", "step": spec["step"], **spec["params"]},
+        "by": f"{getpass.getuser()}@{socket.gethostname()}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M %Z"),
+        "magma_version": __version__,
+    }
+    for layer in spec["writes"]:
+        vol = CloudVolume(spec["paths"][layer], progress=False)
+        if spec["sources"] and spec["sources"] != [layer]:
+            vol.provenance.sources = [spec["paths"][s] for s in spec["sources"]]
+        vol.provenance.processing.append(entry)
+        vol.commit_provenance()
+        log.info(f"[{spec['step']}] provenance recorded on {spec['paths'][layer]}")
+    summary["seconds"] = round(summary["seconds"], 3)
+    write_marker(marker, summary)
+    log.info(f"[{spec['step']}] done: " + json.dumps(summary))
+    return summary
+
+
+def main(smk) -> None:
+    """Entry point for workflow/scripts/job.py (the `snakemake` object of a script job)."""
+    spec = smk.params.spec
+    logfile = smk.log[0] if smk.log else None
+    kind = spec["kind"]
+    try:
+        if kind == "setup":
+            setup(spec, smk.output[0], logfile)
+        elif kind == "batch":
+            run_batch(spec, smk.output[0], smk.threads, logfile)
+        else:
+            finish(spec, [p for p in smk.input if "/jobs/" in p], smk.output[0], logfile)
+    except MagmaError as exc:
+        log.error(f"ERROR: {exc}")
+        raise SystemExit(1) from None

@@ -1,0 +1,34 @@
+"""Pieces every op shares: the planning context and opening volumes for a task."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from cloudvolume import CloudVolume
+
+_local = threading.local()
+
+
+@dataclass
+class Context:
+    paths: dict  # layer name -> cloud path
+    infos: dict  # layer name -> info dict as it will be when the step runs
+    execution: dict
+    step_exec: dict = field(default_factory=dict)  # execution merged with this step's overrides
+
+
+def open_volume(path: str, mip: int, **kw) -> CloudVolume:
+    """A CloudVolume for one task: quiet, single-threaded (the job parallelizes tasks)."""
+    return CloudVolume(path, mip=mip, progress=False, parallel=1, **kw)
+
+
+def compress_arg(compress):
+    """Config `compress` -> CloudVolume's: None keeps CloudVolume's default, 'none' disables."""
+    if compress == "none":
+        return False
+    return compress
+
+
+def dtype_width(info: dict) -> int:
+    return np.dtype(info["data_type"]).itemsize
