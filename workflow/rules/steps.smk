@@ -2,6 +2,7 @@
 # batch jobs (so `snakemake -n` counts jobs per op); the plan decides the rest.
 
 SCRIPT = "../scripts/job.py"
+ENV = "../envs/magma.yaml"  # documents the software; the pinned lock is the source of truth
 EXEC = PLAN.config["execution"]
 
 
@@ -17,6 +18,8 @@ rule setup:
     wildcard_constraints:
         step=steps_regex(),
     localrule: True
+    conda:
+        ENV
     script:
         SCRIPT
 
@@ -42,6 +45,8 @@ for _op in sorted({s.op for s in PLAN.steps.values()}):
             mem_mb=step_mem_mb,
             runtime=step_runtime,
         retries: EXEC["retries"]
+        conda:
+            ENV
         script:
             SCRIPT
 
@@ -53,9 +58,13 @@ rule stage_done:
         gate_inputs,
     wildcard_constraints:
         step=steps_regex(),
+    log:
+        f"{RUN}/logs/{{step}}/stages/{{stage}}.log",
     localrule: True
+    conda:
+        ENV
     shell:
-        "touch {output}"
+        "touch {output} 2> {log}"
 
 
 rule finish:
@@ -70,5 +79,7 @@ rule finish:
     wildcard_constraints:
         step=steps_regex(),
     localrule: True
+    conda:
+        ENV
     script:
         SCRIPT

@@ -31,10 +31,32 @@ def resolve_method(method: str, layer_type: str) -> str:
 
 
 def pyramid(image: np.ndarray, method: str, factor, num_mips: int, sparse: bool = False) -> list:
-    """`num_mips` successive downsamples of `image` (x, y, z[, c]) with tinybrain."""
+    """`num_mips` successive downsamples of `image` (x, y, z[, c]) with tinybrain.
+
+    tinybrain's results on odd-sized edges are not defined (they depend on memory
+    layout and on what lies past the block), so a block whose size is not a
+    multiple of factor^num_mips is first padded by repeating its edge voxels and
+    the outputs are cropped to ceil(size / factor^i). Blocks of even size go to
+    tinybrain untouched, so interior results are exactly tinybrain's (and Igneous's).
+    """
     if num_mips <= 0:
         return []
     factor = tuple(int(f) for f in factor)
+    shape = image.shape
+    mult = [f**num_mips for f in factor] + [1] * (image.ndim - 3)
+    pad = [(0, (-s) % m) for s, m in zip(shape, mult)]
+    if any(p for _, p in pad):
+        image = np.pad(image, pad, mode="edge")
+    image = np.asfortranarray(image)
+    outs = _tinybrain(image, method, factor, num_mips, sparse)
+    crops = []
+    for i, out in enumerate(outs, start=1):
+        size = [-(-s // f**i) for s, f in zip(shape[:3], factor)]
+        crops.append(out[: size[0], : size[1], : size[2]])
+    return crops
+
+
+def _tinybrain(image, method, factor, num_mips, sparse):
     if method == "avg":
         return tinybrain.downsample_with_averaging(image, factor, num_mips=num_mips, sparse=sparse)
     if method == "mode":

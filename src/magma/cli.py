@@ -1,0 +1,154 @@
+"""The `magma` command: task design helpers and the plan of a config.
+
+    magma design ds-memory PATH MEMORY_BYTES [--mip 0] [--factor 2,2,1] [--max-mips 5] [--verbose]
+    magma design ds-shape PATH SHAPE [--mip 0] [--factor 2,2,1]
+    magma plan [--configfile config/config.yaml]
+
+`design` mirrors Igneous's `igneous design ds-memory` / `ds-shape` (same
+formulas, magma.design); `plan` prints the table the Snakefile prints, without
+starting Snakemake. Bad input prints `magma: <what is wrong>` and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import numpy as np
+
+from . import design, layers
+from .errors import MagmaError
+
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+def _vec3(text: str) -> tuple:
+    """'2,2,1' -> (2, 2, 1); argparse reports anything else as a usage error."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three integers like 2,2,1, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three integers like 2,2,1, got {text!r}")
+    return values
+
+
+def _positive_vec3(text: str) -> tuple:
+    values = _vec3(text)
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three positive integers, got {text!r}")
+    return values
+
+
+def _factor(text: str) -> tuple:
+    values = _vec3(text)
+    if values not in ((1, 1, 1), (2, 2, 1), (2, 2, 2)):
+        raise argparse.ArgumentTypeError(f"factor must be 2,2,1 or 2,2,2 (or 1,1,1), got {text!r}")
+    return values
+
+
+def _bytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes like 3.5e9, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"memory must be a positive number of bytes, got {text!r}")
+    return value
+
+
+def _layer(path: str, mip: int):
+    """(metadata, data width in bytes, channels, chunk size) of the layer at `path`, `mip`."""
+    name = path.rstrip("/").rsplit("/", 1)[-1] or path
+    info = layers.read_info(name, path)
+    layers.check_mip(name, info, mip, key="--mip")
+    meta = layers.meta(info)
+    width = np.dtype(meta.dtype).itemsize
+    return meta, int(width), int(meta.num_channels), [int(c) for c in meta.chunk_size(mip)]
+
+
+def cmd_ds_memory(args) -> int:
+    meta, width, channels, chunk = _layer(args.path, args.mip)
+    memory = int(args.memory_bytes)
+    try:
+        shape = design.shape_from_memory_target(width * channels, chunk, args.factor, memory, args.max_mips)
+    except ValueError as exc:
+        raise MagmaError(str(exc)) from exc
+    num_downsamples = int(math.log2(max(s / c for s, c in zip(shape, chunk))))
+    used = design.memory_for_shape(width, shape, args.factor, channels)
+    text = ",".join(str(int(s)) for s in shape)
+    if not args.verbose:
+        print(text)
+        return 0
+    print(f"Data Width: {width} B")
+    if channels != 1:
+        print(f"Channels: {channels}")
+    print(f"Factor: {args.factor}")
+    print(f"Chunk Size: {chunk[0]}, {chunk[1]}, {chunk[2]} voxels")
+    print(f"Memory Limit: {design.format_bytes(memory)}")
+    print("-----")
+    print(f"Optimized Shape: {text}")
+    print(f"Downsamples: {num_downsamples}")
+    print(f"Memory Used*: {design.format_bytes(used)}")
+    print("\n* memory used is for retaining the image and all downsamples.\n"
+          "Additional costs may be incurred from processing.")
+    return 0
+
+
+def cmd_ds_shape(args) -> int:
+    _, width, channels, _ = _layer(args.path, args.mip)
+    print(design.format_bytes(design.memory_for_shape(width, args.shape, args.factor, channels)))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import config, workflow
+
+    cfg = config.load(args.configfile)
+    print(workflow.plan(cfg).table())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="magma", description="Neuroglancer Precomputed volumes with Snakemake.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    d = sub.add_parser("design", help="task shape and memory calculators (like `igneous design`)")
+    dsub = d.add_subparsers(dest="design_command", metavar="COMMAND")
+    dsub.required = True
+
+    m = dsub.add_parser("ds-memory", help="task shape with the most downsamples for a memory budget")
+    m.add_argument("path", metavar="PATH", help="CloudVolume layer path (file://, gs://, s3://, ...)")
+    m.add_argument("memory_bytes", metavar="MEMORY_BYTES", type=_bytes, help="bytes one task may use, e.g. 3.5e9")
+    m.add_argument("--mip", type=int, default=0, help="mip to read (default: 0)")
+    m.add_argument("--factor", type=_factor, default=(2, 2, 1), help="downsample factor (default: 2,2,1)")
+    m.add_argument("--max-mips", type=int, default=5, help="most downsamples one task builds (default: 5)")
+    m.add_argument("--verbose", action="store_true", help="also print the inputs and the memory used")
+    m.set_defaults(func=cmd_ds_memory)
+
+    s = dsub.add_parser("ds-shape", help="memory a task of SHAPE needs, with all its downsamples")
+    s.add_argument("path", metavar="PATH", help="CloudVolume layer path (file://, gs://, s3://, ...)")
+    s.add_argument("shape", metavar="SHAPE", type=_positive_vec3, help="task shape in voxels, e.g. 1024,1024,64")
+    s.add_argument("--mip", type=int, default=0, help="mip to read (default: 0)")
+    s.add_argument("--factor", type=_factor, default=(2, 2, 1), help="downsample factor (default: 2,2,1)")
+    s.set_defaults(func=cmd_ds_shape)
+
+    pl = sub.add_parser("plan", help="print the plan (stages, tasks, jobs) of a config; runs nothing")
+    pl.add_argument("--configfile", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MagmaError as exc:
+        print(f"magma: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
