@@ -34,14 +34,17 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     info = ctx.infos[lname]
     layers.check_mip(lname, info, mip, key=f"{where}.mip")
     meta = layers.meta(info)
-    top = min(len(info["scales"]) - 1, mip + p["num_mips"])
+    # mips above what exists now may be added by later steps; the task clamps at run
+    # time (like Igneous), so the plan does not change once they exist
+    top = mip + p["num_mips"]
+    existing_top = min(len(info["scales"]) - 1, top)
     box = layers.user_bounds(where, lname, info, p["bounds"], p["bounds_mip"], mip)
     whole = meta.bounds(mip)
-    sharded = [m for m in range(mip, top + 1) if "sharding" in info["scales"][m]]
+    sharded = [m for m in range(mip, existing_top + 1) if "sharding" in info["scales"][m]]
     if sharded and box != whole:
         raise MagmaError(f"{where}.bounds: mips {sharded} are sharded; only the whole mip can be deleted")
     # chunk alignment at every mip touched, seen from `mip`
-    for m in range(mip, top + 1):
+    for m in range(mip, existing_top + 1):
         ratio = (meta.downsample_ratio(m) / meta.downsample_ratio(mip)).astype(int)
         layers.check_aligned(where, box, whole, meta.chunk_size(m) * ratio, f"the chunk size of mip {m} seen from mip {mip}")
     if p["shape"] is not None:
@@ -52,8 +55,7 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
         shape[1] *= 2 ** p["num_mips"]
     step = StepPlan(name, "delete", p, writes=[lname])
     stage = make_stage(f"mip{mip}-{top}", Grid.of(box, shape),
-                       {"layer": lname, "mip": mip, "top": top, "sharded": sharded,
-                        "origin": box.minpt.tolist()}, ctx.step_exec)
+                       {"layer": lname, "mip": mip, "top": top, "origin": box.minpt.tolist()}, ctx.step_exec)
     step.stages.append(stage)
     step.notes.append(f"{stage.name}: {stage.grid.n} tasks of {stage.grid.shape} -> {stage.jobs} jobs")
     return step
@@ -63,8 +65,8 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     vol = open_volume(paths[params["layer"]], params["mip"])
     mip = params["mip"]
     deleted = 0
-    for m in range(mip, params["top"] + 1):
-        if m in params["sharded"]:
+    for m in range(mip, min(params["top"], len(vol.meta.available_mips) - 1) + 1):
+        if vol.image.is_sharded(m):
             if box.minpt.tolist() != params["origin"]:
                 continue  # the whole sharded mip goes once, with the first task
             cf = CloudFiles(vol.meta.join(vol.meta.cloudpath, vol.meta.key(m)))

@@ -44,7 +44,9 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     step.infos = {p["image"]: image, p["segmentation"]: seg}
     ctx.infos.update(step.infos)
     whole = Bbox([0, 0, 0], p["size"])
-    stage = make_stage("synthesize", Grid.of(whole, p["size"]), dict(p), ctx.step_exec)
+    # the distance transform with indices holds ~64 bytes per voxel at its peak
+    stage = make_stage("synthesize", Grid.of(whole, p["size"]), dict(p), ctx.step_exec,
+                       task_bytes=64.0 * float(np.prod(p["size"])))
     step.stages.append(stage)
     step.notes.append(f"synthesize {p['objects']} objects into {p['size']} voxels (seed {p['seed']})")
     return step

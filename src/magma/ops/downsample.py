@@ -215,7 +215,7 @@ def _sharded_pass(ctx, info, cur, factor, p, params, memory, width, channels):
     shard = image_shard_shape_from_spec(out["scales"][nxt]["sharding"], m.volume_size(nxt), m.chunk_size(nxt))
     task_bytes = width * channels * float(np.prod(shard)) * (np.prod(factor) + 1)
     stage = make_stage(f"mip{cur}-{nxt}-sharded", Grid.of(m.bounds(nxt), shard),
-                       dict(params, mip=cur, num_mips=1, sharded=True), ctx.step_exec, task_bytes)
+                       dict(params, mip=cur, num_mips=1, sharded=True, compress="none"), ctx.step_exec, task_bytes)
     return stage, out, m.bounds(nxt)
 
 

@@ -95,7 +95,10 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
         info["scales"][mip]["sharding"] = spec.to_dict()
         shape = image_shard_shape_from_spec(info["scales"][mip]["sharding"], meta.volume_size(mip), meta.chunk_size(mip))
         k = 0
-        stage = make_stage(f"mip{mip}-sharded", Grid.of(box, shape), dict(params, num_mips=0, sharded=True),
+        # shard files are read by byte range: never compress them whole (data_encoding
+        # in the spec compresses each chunk inside instead)
+        stage = make_stage(f"mip{mip}-sharded", Grid.of(box, shape),
+                           dict(params, num_mips=0, sharded=True, compress="none"),
                            ctx.step_exec, width * channels * float(np.prod(shape)) * 2)
     else:
         if p["shape"] is not None:
