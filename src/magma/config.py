@@ -50,7 +50,7 @@ def _message(err: jsonschema.ValidationError, prefix: str) -> str:
         return f"{where}: unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
     if err.validator == "required":
         return f"{where}: {err.message}"
-    if err.validator == "propertyNames":
+    if err.validator == "propertyNames" or "propertyNames" in err.schema_path:
         return f"{where}: name {err.instance!r} must start with a letter and use only letters, digits, _ and -"
     return f"{where or 'config'}: {err.message}"
 
