@@ -5,11 +5,18 @@ import json
 
 import numpy as np
 import pytest
+from cloudvolume import CloudVolume
 
 from conftest import image_data, make_layer, read, seg_data, snakemake, write_config
 from magma.ops.downsample import pyramid
 
 SHAPE = (256, 192, 32)
+
+
+def half_black(img):
+    out = img.copy()
+    out[:128] = 0
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +27,9 @@ def run(tmp_path_factory):
         "img": make_layer(root / "img", img, "image", chunk=(32, 32, 16)),
         "seg": make_layer(root / "seg", seg, "segmentation", chunk=(32, 32, 16)),
     }
-    for name in ("seg_rechunk", "seg_moved", "img_sharded", "img_ds_copy", "seg_cseg"):
+    layers["sparse_img"] = make_layer(root / "sparse_img", half_black(img), "image", chunk=(32, 32, 16))
+    for name in ("seg_rechunk", "seg_moved", "img_sharded", "img_ds_copy", "seg_cseg", "img_png", "img_jpeg",
+                 "seg_crackle", "seg_cpso"):
         layers[name] = f"file://{root / name}"
     steps = {
         "rechunk": dict(op="transfer", src="seg", dest="seg_rechunk", chunk_size=[64, 64, 8], memory_target=4.0e6),
@@ -31,6 +40,13 @@ def run(tmp_path_factory):
         "ds_copy": dict(op="downsample", layer="img_ds_copy", num_mips=2),
         "cseg": dict(op="transfer", src="seg", dest="seg_cseg", encoding="compressed_segmentation",
                      skip_downsamples=True),
+        "png": dict(op="transfer", src="img", dest="img_png", encoding="png", memory_target=2.0e6),
+        "jpeg": dict(op="transfer", src="img", dest="img_jpeg", encoding="jpeg", encoding_level=95,
+                     skip_downsamples=True),
+        "crackle": dict(op="transfer", src="seg", dest="seg_crackle", encoding="crackle", memory_target=4.0e6),
+        "cpso": dict(op="transfer", src="seg", dest="seg_cpso", encoding="compresso", compress="none",
+                     skip_downsamples=True),
+        "black": dict(op="downsample", layer="sparse_img", num_mips=2, method="max", delete_black_uploads=True),
     }
     cfgfile = write_config(root / "x.yaml", {"layers": layers, "steps": steps,
                                              "execution": {"tasks_per_job": 8}})
@@ -83,6 +99,40 @@ def test_reencoding(run):
     assert info["scales"][0]["encoding"] == "compressed_segmentation"
     assert info["scales"][0]["compressed_segmentation_block_size"] == [8, 8, 8]
     assert np.array_equal(read(layers["seg_cseg"], 0), seg)
+
+
+@pytest.mark.parametrize("layer,source,encoding", [
+    ("img_png", "img", "png"), ("seg_crackle", "seg", "crackle"), ("seg_cpso", "seg", "compresso"),
+])
+def test_lossless_encodings_round_trip(run, layer, source, encoding):
+    root, layers, img, seg = run
+    src = {"img": img, "seg": seg}[source]
+    info = json.loads((root / layer / "info").read_text())
+    assert all(s["encoding"] == encoding for s in info["scales"])
+    assert np.array_equal(read(layers[layer], 0), src)
+    method = "avg" if source == "img" else "mode"
+    for mip, arr in enumerate(pyramid(src, method, (2, 2, 1), len(info["scales"]) - 1), start=1):
+        assert np.array_equal(read(layers[layer], mip), arr), (layer, mip)
+
+
+def test_jpeg_is_close(run):
+    root, layers, img, seg = run
+    info = json.loads((root / "img_jpeg" / "info").read_text())
+    assert info["scales"][0]["encoding"] == "jpeg" and info["scales"][0]["jpeg_quality"] == 95
+    got = read(layers["img_jpeg"], 0).astype(int)
+    assert got.shape == img.shape and np.abs(got - img).mean() < 20
+    assert not list((root / "img_jpeg" / "8_8_40").glob("*.gz")), "jpeg chunks must not be gzipped again"
+
+
+def test_delete_black_uploads_and_method(run):
+    root, layers, img, seg = run
+    mips = pyramid(half_black(img), "max", (2, 2, 1), 2)
+    for mip, arr in enumerate(mips, start=1):
+        vol = CloudVolume(layers["sparse_img"], mip=mip, fill_missing=True, progress=False)
+        assert np.array_equal(vol[vol.bounds][..., 0], arr), mip
+    names = {p.name for p in (root / "sparse_img" / "16_16_40").iterdir()}
+    assert not any(n.startswith(("0-32_", "32-64_")) for n in names), "all-black chunks must not be uploaded"
+    assert any(n.startswith("64-96_") for n in names)
 
 
 def test_delete_removes_exactly_the_box(tmp_path, workdir):
