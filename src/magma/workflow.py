@@ -20,6 +20,7 @@ from .design import format_bytes
 from .errors import MagmaError
 from .ops import OPS
 from .ops.common import Context
+from .plan import toposort
 
 DEMO_STEP = "demo"
 
@@ -92,8 +93,6 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
     cfg = validate(config)
     steps = _step_list(cfg)
     deps = dependencies(steps)
-    from .plan import toposort
-
     order = toposort([n for n, _, _ in steps], deps)
     by_name = {n: (op, p) for n, op, p in steps}
     created = {layer for n, op, p in steps for layer in OPS[op].creates(p)}
@@ -103,8 +102,8 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
     for layer in sorted(used):
         path = cfg["layers"][layer]
         if layer in created:
-            try:
-                infos[layer] = read_info(layer, path)  # existing output: checked against the plan
+            try:  # an existing output is compared with what the step will make
+                infos[layer] = read_info(layer, path)
             except MagmaError:
                 pass
         else:
@@ -116,10 +115,6 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
         op, p = by_name[name]
         step_exec = dict(ex) | ex["steps"].get(name, {})
         ctx = Context(paths=cfg["layers"], infos=infos, execution=ex, step_exec=step_exec)
-        # a created layer is planned from scratch; an existing copy is only compared against
-        for layer in OPS[op].creates(p):
-            if op == "demo":
-                infos.pop(layer, None)
         sp = OPS[op].plan(ctx, name, p)
         sp.after = sorted(deps[name], key=order.index)
         sp.threads = int(step_exec["threads"])

@@ -129,8 +129,6 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     layers.check_mip(lname, info, p["mip"], key=f"{where}.mip")
     layers.check_encoding(where, lname, info, p["encoding"])
     layers.check_mip(lname, info, p["bounds_mip"], key=f"{where}.bounds_mip")
-    if p["chunk_size"] is not None and p["sharded"]:
-        pass  # allowed: the sharded scale gets the new chunk size
     method = resolve_method(p["method"], info["type"])
     factor = tuple(p["factor"])
     memory = p["memory_target"] or ctx.execution["memory_target"]
