@@ -28,7 +28,8 @@ def run(tmp_path_factory):
         "seg": make_layer(root / "seg", seg, "segmentation", chunk=(32, 32, 16)),
     }
     layers["sparse_img"] = make_layer(root / "sparse_img", half_black(img), "image", chunk=(32, 32, 16))
-    for name in ("seg_rechunk", "seg_moved", "img_sharded", "img_ds_copy", "seg_cseg", "img_png", "img_jpeg",
+    layers["img_b"] = make_layer(root / "img_b", img, "image", chunk=(32, 32, 16))
+    for name in ("img_t", "seg_rechunk", "seg_moved", "img_sharded", "img_ds_copy", "seg_cseg", "img_png", "img_jpeg",
                  "seg_crackle", "seg_cpso"):
         layers[name] = f"file://{root / name}"
     steps = {
@@ -46,6 +47,9 @@ def run(tmp_path_factory):
         "crackle": dict(op="transfer", src="seg", dest="seg_crackle", encoding="crackle", memory_target=4.0e6),
         "cpso": dict(op="transfer", src="seg", dest="seg_cpso", encoding="compresso", compress="none",
                      skip_downsamples=True),
+        "bounded_ds": dict(op="downsample", layer="img_b", num_mips=1, bounds=[[0, 0, 0], [128, 128, 32]]),
+        "translated": dict(op="transfer", src="img", dest="img_t", translate=[32, 0, 0], skip_downsamples=True,
+                           bounds=[[64, 0, 0], [192, 192, 32]]),
         "black": dict(op="downsample", layer="sparse_img", num_mips=2, method="max", delete_black_uploads=True),
     }
     cfgfile = write_config(root / "x.yaml", {"layers": layers, "steps": steps,
@@ -133,6 +137,23 @@ def test_delete_black_uploads_and_method(run):
     names = {p.name for p in (root / "sparse_img" / "16_16_40").iterdir()}
     assert not any(n.startswith(("0-32_", "32-64_")) for n in names), "all-black chunks must not be uploaded"
     assert any(n.startswith("64-96_") for n in names)
+
+
+def test_bounded_downsample_touches_only_the_box(run):
+    root, layers, img, seg = run
+    vol = CloudVolume(layers["img_b"], mip=1, fill_missing=True, progress=False)
+    got = vol[vol.bounds][..., 0]
+    assert np.array_equal(got[:64, :64], pyramid(img[:128, :128], "avg", (2, 2, 1), 1)[0])
+    names = {p.name for p in (root / "img_b" / "16_16_40").iterdir()}
+    assert names == {f"{x}-{x + 32}_{y}-{y + 32}_{z}-{z + 16}.gz" for x in (0, 32) for y in (0, 32) for z in (0, 16)}
+
+
+def test_translate_within_bounds(run):
+    root, layers, img, seg = run
+    vol = CloudVolume(layers["img_t"], fill_missing=True, progress=False)
+    got = vol[vol.bounds][..., 0]
+    assert np.array_equal(got[64:192], img[32:160])
+    assert not got[:64].any() and not got[192:].any()
 
 
 def test_delete_removes_exactly_the_box(tmp_path, workdir):
