@@ -23,6 +23,12 @@ def open_volume(path: str, mip: int, **kw) -> CloudVolume:
     return CloudVolume(path, mip=mip, progress=False, parallel=1, **kw)
 
 
+def file_compression(compress, encoding: str):
+    """The step's `compress`, except that image codecs are never gzipped a second
+    time (as the Igneous CLI does for jpeg and png)."""
+    return "none" if encoding in ("jpeg", "png") else compress
+
+
 def compress_arg(compress):
     """Config `compress` -> CloudVolume's: None keeps CloudVolume's default, 'none' disables."""
     if compress == "none":

@@ -20,7 +20,7 @@ from .. import layers
 from ..design import memory_for_shape, mips_for_shape, num_mips_from_memory_target
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
-from .common import compress_arg, dtype_width, open_volume
+from .common import compress_arg, dtype_width, file_compression, open_volume
 
 
 # ---- kernel -----------------------------------------------------------------
@@ -135,7 +135,8 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     width, channels = dtype_width(info), int(info["num_channels"])
     meta = layers.meta(info)
     params = {"layer": lname, "method": method, "factor": list(factor), "sparse": p["sparse"],
-              "fill_missing": p["fill_missing"], "compress": p["compress"],
+              "fill_missing": p["fill_missing"],
+              "compress": file_compression(p["compress"], p["encoding"] or info["scales"][p["mip"]]["encoding"]),
               "delete_black_uploads": p["delete_black_uploads"], "background_color": p["background_color"]}
     step = StepPlan(name, "downsample", p, writes=[lname], sources=[lname])
 

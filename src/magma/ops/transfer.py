@@ -20,7 +20,7 @@ from .. import layers
 from ..design import memory_for_shape, mips_for_shape, shape_from_memory_target
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
-from .common import compress_arg, dtype_width, open_volume
+from .common import compress_arg, dtype_width, file_compression, open_volume
 from .downsample import _set_encoding, new_scales, resolve_method, write_mips
 
 
@@ -79,7 +79,7 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     width, channels = dtype_width(src), int(src["num_channels"])
     memory = p["memory_target"] or ctx.execution["memory_target"]
     params = {"src": p["src"], "dest": p["dest"], "mip": mip, "translate": [int(t) for t in translate],
-              "fill_missing": p["fill_missing"], "compress": _compress(p, info, mip), "factor": list(factor),
+              "fill_missing": p["fill_missing"], "compress": file_compression(p["compress"], info["scales"][mip]["encoding"]), "factor": list(factor),
               "method": resolve_method(p["downsample_method"], src["type"]), "sparse": p["sparse"],
               "delete_black_uploads": p["delete_black_uploads"], "background_color": p["background_color"]}
     box = layers.user_bounds(where, p["dest"], info, p["bounds"], p["bounds_mip"], mip)
@@ -131,13 +131,6 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     read = Bbox.clamp(box - translate, smeta.bounds(mip))
     step.checks = [(p["src"], mip, read, p["fill_missing"])] if read.volume() > 0 else []
     return step
-
-
-def _compress(p, info, mip):
-    # like the Igneous CLI: image codecs are never gzipped a second time
-    if info["scales"][mip]["encoding"] in ("jpeg", "png"):
-        return "none"
-    return p["compress"]
 
 
 def run_task(params: dict, box: Bbox, paths: dict) -> dict:
