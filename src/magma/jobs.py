@@ -11,7 +11,8 @@ import json
 import logging
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -84,33 +85,47 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
 
 
 # ---- task batches ---------------------------------------------------------------
+def _run_task(op_name: str, params: dict, box: Bbox, paths: dict, step: str) -> dict:
+    try:
+        return OPS[op_name].run_task(params, box, paths)
+    except EmptyVolumeException as exc:
+        raise MagmaError(
+            f"steps.{step}: missing chunk while reading {box.minpt.tolist()}..{box.maxpt.tolist()}"
+            f" ({exc}). Set fill_missing: true to read missing chunks as background."
+        ) from exc
+
+
 def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
-    """Run tasks [first, last) of one stage with `threads` workers, then write the marker."""
+    """Run tasks [first, last) of one stage on `threads` worker processes, then write the marker.
+
+    Processes, not threads: the kernels and codecs hold the GIL for much of their work.
+    """
     _logging(logfile)
     stage = Stage.from_dict(spec["stage"])
-    op = OPS[spec["op"]]
     tasks = stage.job_tasks(spec["job"])
     label = f"[{spec['step']} {stage.name} job {spec['job'] + 1}/{stage.jobs}]"
-    t0 = time.time()
+    t0 = last = time.time()
     totals = {"tasks": 0}
-
-    def one(i):
-        box = stage.grid.task(i)
-        try:
-            return op.run_task(stage.params, box, spec["paths"])
-        except EmptyVolumeException as exc:
-            raise MagmaError(
-                f"steps.{spec['step']}: missing chunk while reading {box.minpt.tolist()}..{box.maxpt.tolist()}"
-                f" ({exc}). Set fill_missing: true to read missing chunks as background."
-            ) from exc
-
-    log.info(f"{label} {len(tasks)} tasks on {threads} threads")
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for done, stats in enumerate(pool.map(one, tasks), start=1):
+    args = [(spec["op"], stage.params, stage.grid.task(i), spec["paths"], spec["step"]) for i in tasks]
+    workers = max(1, min(threads, len(args)))
+    log.info(f"{label} {len(args)} tasks on {workers} worker(s)")
+    if workers == 1:
+        results = (_run_task(*a) for a in args)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(_run_task, *zip(*args))
+    try:
+        for done, stats in enumerate(results, start=1):
             totals["tasks"] += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v
-            log.info(f"{label} task {done}/{len(tasks)} done ({time.time() - t0:.1f} s)")
+            if time.time() - last > 10 or done == len(args):  # progress without flooding the log
+                last = time.time()
+                log.info(f"{label} {done}/{len(args)} tasks done ({last - t0:.1f} s)")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     totals.update(step=spec["step"], stage=stage.name, job=spec["job"], seconds=round(time.time() - t0, 3))
     write_marker(marker, totals)
     return totals
