@@ -16,6 +16,7 @@ from cloudvolume import Bbox, Vec
 from cloudvolume.datasource.precomputed.metadata import PrecomputedMetadata
 
 from .errors import MagmaError
+from .storage import describe_error
 
 # encoding -> (allowed dtypes, allowed layer types); None = any
 ENCODINGS = {
@@ -40,7 +41,7 @@ def read_info(name: str, path: str) -> dict:
     try:
         raw = CloudFiles(path).get("info")
     except Exception as exc:  # unreachable storage, missing bucket, bad credentials
-        raise MagmaError(f"layer '{name}': cannot read {path}/info: {exc}") from exc
+        raise MagmaError(f"layer '{name}': cannot read {path}/info: {describe_error(path, exc)}") from exc
     if raw is None:
         raise MagmaError(
             f"layer '{name}': no info file at {path}/info. Point layers.{name} at an existing"

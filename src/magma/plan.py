@@ -121,7 +121,11 @@ def batch_size(n_tasks: int, execution: dict) -> int:
 def make_stage(name: str, grid: Grid, params: dict, execution: dict, task_bytes: float = 0.0) -> Stage:
     if grid.n == 0:
         raise MagmaError(f"stage {name}: the region to process is empty")
-    return Stage(name, grid, batch_size(grid.n, execution), params, float(task_bytes))
+    # a task never holds more than the region it covers (small layers, big default shapes)
+    size = np.asarray(grid.maxpt) - np.asarray(grid.minpt)
+    held = np.minimum(np.asarray(grid.shape), size)
+    task_bytes = float(task_bytes) * float(np.prod(held)) / float(np.prod(grid.shape))
+    return Stage(name, grid, batch_size(grid.n, execution), params, task_bytes)
 
 
 def toposort(names: list, edges: dict) -> list:

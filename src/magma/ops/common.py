@@ -6,8 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cloudvolume import CloudVolume
+from cloudvolume.datasource.precomputed.common import cdn_cache_control
 
 _local = threading.local()
+
+# CloudVolume 12.15 hands `cdn_cache` to the storage as is when it writes a shard (chunked writes
+# translate it first); boto3 rejects the default `True` ("CacheControl must be a string"), so a
+# sharded write to s3:// fails. Passing the translated header keeps chunked writes as they were.
+CACHE_CONTROL = cdn_cache_control(True)
 
 
 @dataclass
@@ -20,6 +26,7 @@ class Context:
 
 def open_volume(path: str, mip: int, **kw) -> CloudVolume:
     """A CloudVolume for one task: quiet, single-threaded (the job parallelizes tasks)."""
+    kw.setdefault("cdn_cache", CACHE_CONTROL)
     return CloudVolume(path, mip=mip, progress=False, parallel=1, **kw)
 
 
