@@ -159,3 +159,20 @@ class S3Server:
                 os.environ.pop("AWS_ENDPOINT_URL_S3", None)
             else:
                 os.environ["AWS_ENDPOINT_URL_S3"] = old
+
+
+def running_server(folder, buckets=()):
+    """Start a server for a test module (fail, never skip, when it cannot start); yields it."""
+    import pytest
+
+    server = S3Server(folder)
+    try:
+        server.start()
+    except S3ServerError as exc:
+        pytest.fail(f"the S3 test server (moto) could not start: {exc}")
+    try:
+        for bucket in buckets:
+            server.create_bucket(bucket)
+        yield server
+    finally:
+        server.stop()

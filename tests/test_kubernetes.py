@@ -21,7 +21,7 @@ import yaml
 from cloudvolume import CloudVolume
 
 from conftest import REPO, image_data, seg_data
-from s3server import S3Server, S3ServerError
+from s3server import S3Server, running_server
 
 from magma import workflow
 from magma.errors import MagmaError
@@ -34,14 +34,7 @@ PREFIX = f"s3://{BUCKET}/magma"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    try:
-        server.start()
-    except S3ServerError as exc:
-        pytest.fail(f"the S3 test server (moto) could not start: {exc}")
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+    yield from running_server(tmp_path_factory.mktemp("s3"), (BUCKET,))
 
 
 def k8s_env(s3: S3Server, tmp_path: Path) -> dict:

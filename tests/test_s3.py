@@ -19,7 +19,7 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 
 from conftest import SNAKEFILE
-from s3server import S3Server, S3ServerError
+from s3server import running_server
 
 from magma import workflow
 from magma.config import validate
@@ -30,13 +30,7 @@ LAYERS = ("image", "seg", "seg_rechunked", "image_sharded")
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    try:
-        server.start()
-    except S3ServerError as exc:
-        pytest.fail(f"the S3 test server (moto) could not start: {exc}")
-    yield server
-    server.stop()
+    yield from running_server(tmp_path_factory.mktemp("s3"), ())
 
 
 def demo_config(paths: dict) -> dict:
