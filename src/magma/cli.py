@@ -14,10 +14,9 @@ import argparse
 import math
 import sys
 
-import numpy as np
-
 from . import design, layers
 from .errors import MagmaError
+from .ops.common import dtype_width
 
 DEFAULT_CONFIG = "config/config.yaml"
 
@@ -64,8 +63,7 @@ def _layer(path: str, mip: int):
     info = layers.read_info(name, path)
     layers.check_mip(name, info, mip, key="--mip")
     meta = layers.meta(info)
-    width = np.dtype(meta.dtype).itemsize
-    return meta, int(width), int(meta.num_channels), [int(c) for c in meta.chunk_size(mip)]
+    return meta, dtype_width(info), int(info["num_channels"]), [int(c) for c in meta.chunk_size(mip)]
 
 
 def cmd_ds_memory(args) -> int:

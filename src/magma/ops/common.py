@@ -1,14 +1,11 @@
 """Pieces every op shares: the planning context and opening volumes for a task."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 from cloudvolume import CloudVolume
 from cloudvolume.datasource.precomputed.common import cdn_cache_control
-
-_local = threading.local()
 
 # CloudVolume 12.15 hands `cdn_cache` to the storage as is when it writes a shard (chunked writes
 # translate it first); boto3 rejects the default `True` ("CacheControl must be a string"), so a

@@ -79,7 +79,8 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     width, channels = dtype_width(src), int(src["num_channels"])
     memory = p["memory_target"] or ctx.execution["memory_target"]
     params = {"src": p["src"], "dest": p["dest"], "mip": mip, "translate": [int(t) for t in translate],
-              "fill_missing": p["fill_missing"], "compress": file_compression(p["compress"], info["scales"][mip]["encoding"]), "factor": list(factor),
+              "fill_missing": p["fill_missing"], "factor": list(factor),
+              "compress": file_compression(p["compress"], info["scales"][mip]["encoding"]),
               "method": resolve_method(p["downsample_method"], src["type"]), "sparse": p["sparse"],
               "delete_black_uploads": p["delete_black_uploads"], "background_color": p["background_color"]}
     box = layers.user_bounds(where, p["dest"], info, p["bounds"], p["bounds_mip"], mip)
