@@ -87,7 +87,7 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
 # ---- task batches ---------------------------------------------------------------
 def _run_task(op_name: str, params: dict, box: Bbox, paths: dict, step: str) -> dict:
     try:
-        return OPS[op_name].run_task(params, box, paths)
+        return getattr(OPS[op_name], params.get("task", "run_task"))(params, box, paths)
     except EmptyVolumeException as exc:
         raise MagmaError(
             f"steps.{step}: missing chunk while reading {box.minpt.tolist()}..{box.maxpt.tolist()}"

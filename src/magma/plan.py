@@ -54,6 +54,12 @@ class Grid:
                 "shape": [int(v) for v in self.shape], "overlap": int(self.overlap)}
 
     @classmethod
+    def indices(cls, n: int) -> "Grid":
+        """n tasks that are not boxes (label-hash buckets, shard numbers, a global
+        reduce): task i gets Bbox((i, 0, 0), (i + 1, 1, 1)); read i as box.minpt.x."""
+        return cls([0, 0, 0], [int(n), 1, 1], [1, 1, 1])
+
+    @classmethod
     def of(cls, box: Bbox, shape, overlap: int = 0) -> "Grid":
         return cls(box.minpt.tolist(), box.maxpt.tolist(), [int(s) for s in shape], overlap)
 
