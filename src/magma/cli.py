@@ -3,15 +3,18 @@
     magma design ds-memory PATH MEMORY_BYTES [--mip 0] [--factor 2,2,1] [--max-mips 5] [--verbose]
     magma design ds-shape PATH SHAPE [--mip 0] [--factor 2,2,1]
     magma plan [--configfile config/config.yaml]
+    magma serve [--configfile config/config.yaml] [--port 8080] [--host 127.0.0.1]
 
 `design` mirrors Igneous's `igneous design ds-memory` / `ds-shape` (same
 formulas, magma.design); `plan` prints the table the Snakefile prints, without
-starting Snakemake. Bad input prints `magma: <what is wrong>` and exits 1.
+starting Snakemake; `serve` serves the config's local (file://) layers to
+Neuroglancer and prints the links. Bad input prints `magma: <what is wrong>` and exits 1.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from . import design, layers
@@ -108,6 +111,31 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from . import config, neuroglancer
+
+    cfg = config.load(args.configfile)
+    roots, infos = {}, {}
+    for name, path in cfg["layers"].items():
+        folder = neuroglancer.local_dir(path)
+        if folder and os.path.isfile(os.path.join(folder, "info")):
+            roots[name] = folder
+            infos[name] = layers.read_info(name, path)
+    if not roots:
+        raise MagmaError(f"{args.configfile}: no local (file://) layer with an info file to serve; run the workflow first")
+    server = neuroglancer.make_server(roots, args.host, args.port)
+    port = server.server_address[1]
+    print(neuroglancer.summary(list(roots), cfg["layers"], infos, port=port, serve_hint=False))
+    print(f"serving {', '.join(roots)} on http://{args.host}:{port}/<layer>/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="magma", description="Neuroglancer Precomputed volumes with Snakemake.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -136,6 +164,12 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the plan (stages, tasks, jobs) of a config; runs nothing")
     pl.add_argument("--configfile", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
     pl.set_defaults(func=cmd_plan)
+
+    sv = sub.add_parser("serve", help="serve the config's local layers to Neuroglancer (CORS) and print links")
+    sv.add_argument("--configfile", default=DEFAULT_CONFIG, help=f"config file (default: {DEFAULT_CONFIG})")
+    sv.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -122,4 +122,22 @@ def print_outputs():
     print("\nmagma: finished. Layers written:")
     for layer in written:
         print(f"  {layer:<16} {PLAN.paths[layer]}")
-    print(f"markers and logs: {RUN}/\n")
+    print(f"markers and logs: {RUN}/")
+    print(neuroglancer_summary(written))
+    if PLAN.config["execution"]["report"]:
+        print(f"report: snakemake --report report.html{' --configfile ' + str(CONFIGFILES[-1]) if workflow.overwrite_configfiles else ''}\n")
+
+
+def neuroglancer_summary(written):
+    from magma import layers as magma_layers, neuroglancer
+
+    infos = {}
+    for sp in PLAN.steps.values():
+        infos.update(sp.infos)
+    for layer in written:
+        if layer not in infos:
+            try:
+                infos[layer] = magma_layers.read_info(layer, PLAN.paths[layer])
+            except MagmaError:
+                pass
+    return neuroglancer.summary(written, PLAN.paths, infos, str(CONFIGFILES[-1]))
