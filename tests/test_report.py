@@ -18,13 +18,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def demo_config(workdir: Path, **execution) -> Path:
     return write_config(workdir / "small.yaml", {
-        "layers": {"image": "file://data/image", "seg": "file://data/seg", "copy": "file://data/copy"},
+        "layers": {"image": "file://data/image", "seg": "file://data/seg", "copy": "file://data/copy",
+                   "image_eq": "file://data/image_eq"},
         "demo": {"image": "image", "segmentation": "seg", "size": [192, 160, 32], "chunk_size": [32, 32, 16],
                  "objects": 12},
         "steps": {
             "image_pyramid": {"op": "downsample", "layer": "image", "num_mips": 3},
             "seg_copy": {"op": "transfer", "src": "seg", "dest": "copy", "chunk_size": [64, 64, 16],
                          "sharded": True},
+            "normalized": {"op": "contrast", "src": "image", "dest": "image_eq", "mip": 1, "shape": [96, 80, 16]},
         },
         "execution": {"threads": 2, "tasks_per_job": 4, **execution},
     })
@@ -70,6 +72,10 @@ def test_report_pictures_tables_and_html(workdir):
         colours = np.unique(px[seg == label].reshape(-1, 3), axis=0)
         assert len(colours) == 1 and (label != 0 or not colours.any())
     assert sorted(p.name for p in (rep / "demo").glob("*.png")) == ["image.mip0.png", "seg.mip0.png"]
+
+    # contrast: histograms before/after, and slices of the new layer from its mip up
+    check_png(rep / "normalized" / "image_eq.histograms.png", report.PLOT_SIZE)
+    assert sorted(p.name for p in (rep / "normalized").glob("*.mip*.png"))[0] == "image_eq.mip1.png"
 
     steps = (rep / "steps.html").read_text()
     for name in ("demo", "image_pyramid", "seg_copy", "mip0-3", "memory_target", "wall time"):

@@ -32,10 +32,11 @@ def figures(sp) -> list:
     out = []
     p = sp.params
     if sp.op in SLICE_OPS:
+        first = p.get("mip", 0) if "dest" in p else 0  # a new layer has data from its `mip` up
         for layer in sp.writes:
             info = sp.infos.get(layer)
             if info is not None:
-                for mip in range(len(info["scales"])):
+                for mip in range(first, len(info["scales"])):
                     out.append((f"{layer}.mip{mip}.png", "slice", {"layer": layer, "mip": mip}))
     if sp.op == "contrast":
         out.append((f"{p['dest']}.histograms.png", "histograms",
@@ -155,8 +156,10 @@ def histograms_png(before: str, after: str, mip: int, out: str) -> dict:
     stats = {}
     for name, path, color in (("before", before, "0.4"), ("after", after, "tab:red")):
         data = sample_slices(path, mip)
-        bins = 256 if data.dtype.itemsize == 1 else 1024
-        counts, edges = np.histogram(data, bins=bins)
+        if data.dtype == np.uint8:  # one bin per grey level (fractional bins alias into combs)
+            counts, edges = np.bincount(data.ravel(), minlength=256), np.arange(257)
+        else:
+            counts, edges = np.histogram(data, bins=1024)
         ax.stairs(counts, edges, color=color, label=f"{name} ({os.path.basename(path.rstrip('/'))})")
         stats[name] = {"mean": float(data.mean()), "std": float(data.std())}
     ax.set_yscale("log")
