@@ -21,7 +21,7 @@ OP_SCHEMAS = SCHEMA_PATH.parent / "ops"  # one file per op: ops/<op>.yaml
 # ops of the SPEC that later releases add; named so the error says "not yet", not "unknown"
 PLANNED_OPS = {
     "mesh", "skeleton", "ccl", "voxel_counts", "contrast", "quantize", "reorder", "roi", "remap",
-    "create", "mesh_transfer", "skeleton_transfer", "mesh_delete", "skeleton_delete", "skeleton_export",
+    "mesh_transfer", "skeleton_transfer", "mesh_delete", "skeleton_delete", "skeleton_export",
 }
 
 
@@ -112,6 +112,8 @@ def validate(config: dict) -> dict:
             if other == name:
                 raise MagmaError(f"config: steps.{name}.after: a step cannot wait for itself")
         for key in ("layer", "src", "dest"):
+            if key == "src" and op == "create":
+                continue  # files, not a layer
             if key in step and step[key] not in cfg["layers"]:
                 raise MagmaError(
                     f"config: steps.{name}.{key}: no layer named '{step[key]}'; layers: {', '.join(cfg['layers'])}"

@@ -76,6 +76,8 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
                 f"steps.{spec['step']}: layer '{layer}' mip {mip} is missing {len(missing)} chunk(s) the step reads,"
                 f" e.g. {', '.join(missing[:5])}. Set fill_missing: true to read them as background."
             )
+    if spec.get("preflight") is not None:  # the op's own checks of what it reads (e.g. every input file)
+        OPS[spec["op"]].preflight(spec["step"], spec["preflight"])
     for layer, info in spec["infos"].items():
         vol = CloudVolume(spec["paths"][layer], info=info, progress=False)
         vol.commit_info()

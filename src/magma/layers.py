@@ -25,7 +25,8 @@ ENCODINGS = {
     "compresso": ({"uint8", "uint16", "uint32", "uint64"}, {"segmentation"}),
     "crackle": ({"uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64"}, {"segmentation"}),
     "jpeg": ({"uint8"}, {"image"}),
-    "png": ({"uint8", "uint16"}, {"image"}),
+    # uint16 png: pyspng-seunglab 1.1.3 (CloudVolume's codec) fails to encode 16-bit single-channel chunks
+    "png": ({"uint8"}, {"image"}),
 }
 
 
@@ -89,6 +90,9 @@ def check_encoding(where: str, name: str, info: dict, encoding: str | None) -> N
             f"{where}.encoding: '{encoding}' cannot store {info['data_type']} (layer '{name}');"
             f" it takes {', '.join(sorted(dtypes))}"
         )
+    if encoding == "png" and info["num_channels"] != 1:
+        # CloudVolume 12.15's png codec scrambles multi-channel chunks (a 3-channel round trip differs)
+        raise MagmaError(f"{where}.encoding: png stores 1 channel here, layer '{name}' has {info['num_channels']}")
     if encoding == "jpeg" and info["num_channels"] not in (1, 3):
         raise MagmaError(f"{where}.encoding: jpeg needs 1 or 3 channels, layer '{name}' has {info['num_channels']}")
 

@@ -105,6 +105,7 @@ class StepPlan:
     mem_mb: int = 0
     after: list = field(default_factory=list)  # names of steps this one waits for
     checks: list = field(default_factory=list)  # (layer, mip, Bbox, fill_missing) read by the step
+    preflight: dict | None = None  # params of the op's own `preflight(step, params)`, run by the setup job
     notes: list = field(default_factory=list)  # human-readable plan lines
 
     @property

@@ -58,6 +58,8 @@ def setup_spec(wc):
     return {
         "kind": "setup",
         "step": sp.name,
+        "op": sp.op,
+        "preflight": sp.preflight,
         "paths": PLAN.paths,
         "infos": sp.infos,
         "checks": [
