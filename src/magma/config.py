@@ -21,8 +21,12 @@ OP_SCHEMAS = SCHEMA_PATH.parent / "ops"  # one file per op: ops/<op>.yaml
 # ops of the SPEC that later releases add; named so the error says "not yet", not "unknown"
 PLANNED_OPS = {
     "mesh", "skeleton", "ccl", "voxel_counts", "contrast", "quantize", "reorder", "roi", "remap",
-    "mesh_transfer", "skeleton_transfer", "mesh_delete", "skeleton_delete", "skeleton_export",
+    "mesh_transfer", "skeleton_transfer", "mesh_delete", "skeleton_delete",
 }
+
+
+# keys that name files rather than layers
+FILE_KEYS = {"create": ("src",), "skeleton_export": ("dest",)}
 
 
 def load_schema() -> dict:
@@ -112,7 +116,7 @@ def validate(config: dict) -> dict:
             if other == name:
                 raise MagmaError(f"config: steps.{name}.after: a step cannot wait for itself")
         for key in ("layer", "src", "dest"):
-            if key == "src" and op == "create":
+            if key in FILE_KEYS.get(op, ()):
                 continue  # files, not a layer
             if key in step and step[key] not in cfg["layers"]:
                 raise MagmaError(
