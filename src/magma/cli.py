@@ -4,11 +4,15 @@
     magma design ds-shape PATH SHAPE [--mip 0] [--factor 2,2,1]
     magma plan [--configfile config/config.yaml]
     magma serve [--configfile config/config.yaml] [--port 8080] [--host 127.0.0.1]
+    magma spatial-index db PATH DATABASE [--kind mesh|skeleton] [--allow-missing]
+    magma spatial-index query DATABASE MIN MAX [--voxels]
 
 `design` mirrors Igneous's `igneous design ds-memory` / `ds-shape` (same
 formulas, magma.design); `plan` prints the table the Snakefile prints, without
 starting Snakemake; `serve` serves the config's local (file://) layers to
-Neuroglancer and prints the links. Bad input prints `magma: <what is wrong>` and exits 1.
+Neuroglancer and prints the links; `spatial-index db` writes an SQLite database of
+a layer's mesh or skeleton spatial index and `spatial-index query` lists the labels
+whose bounding boxes intersect a box (magma.spatial_db). Bad input prints `magma: <what is wrong>` and exits 1.
 """
 from __future__ import annotations
 
@@ -136,6 +140,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_spatial_db(args) -> int:
+    from . import spatial_db
+
+    counts = spatial_db.build(args.path, args.kind, args.database, allow_missing=args.allow_missing)
+    print(f"{args.database}: {counts['labels']} labels, {counts['boxes']} boxes from {counts['index_files']} index files")
+    return 0
+
+
+def cmd_spatial_query(args) -> int:
+    from cloudvolume import Bbox
+
+    from . import spatial_db
+
+    lo, hi = args.min, args.max
+    if args.voxels:
+        res = spatial_db.resolution(args.database)
+        lo, hi = [a * r for a, r in zip(lo, res)], [a * r for a, r in zip(hi, res)]
+    if any(a >= b for a, b in zip(lo, hi)):
+        raise MagmaError(f"spatial-index query: MIN {list(args.min)} must be below MAX {list(args.max)} on every axis")
+    for label in spatial_db.query(args.database, Bbox(lo, hi)):
+        print(label)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="magma", description="Neuroglancer Precomputed volumes with Snakemake.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -170,6 +198,22 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.set_defaults(func=cmd_serve)
+
+    si = sub.add_parser("spatial-index", help="an SQLite database of a mesh/skeleton spatial index, and box queries")
+    sisub = si.add_subparsers(dest="spatial_command", metavar="COMMAND")
+    sisub.required = True
+    db = sisub.add_parser("db", help="build DATABASE from the .spatial files of PATH's meshes or skeletons")
+    db.add_argument("path", metavar="PATH", help="CloudVolume layer path of the segmentation")
+    db.add_argument("database", metavar="DATABASE", help="SQLite file to write (replaced if it exists)")
+    db.add_argument("--kind", choices=("mesh", "skeleton"), default="mesh", help="whose index (default: mesh)")
+    db.add_argument("--allow-missing", action="store_true", help="skip index files that are missing")
+    db.set_defaults(func=cmd_spatial_db)
+    q = sisub.add_parser("query", help="labels whose bounding boxes intersect the box [MIN, MAX)")
+    q.add_argument("database", metavar="DATABASE", help="a database made by `magma spatial-index db`")
+    q.add_argument("min", metavar="MIN", type=_vec3, help="low corner x,y,z (nm; voxels with --voxels)")
+    q.add_argument("max", metavar="MAX", type=_vec3, help="high corner x,y,z, exclusive")
+    q.add_argument("--voxels", action="store_true", help="MIN and MAX are voxels of the index resolution")
+    q.set_defaults(func=cmd_spatial_query)
     return p
 
 
