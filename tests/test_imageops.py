@@ -1,0 +1,195 @@
+"""quantize, remap, reorder and roi in one real snakemake run, each against numpy on the whole
+array; bad mapping files and bad sources are rejected at plan time naming the key."""
+import json
+
+import numpy as np
+import pytest
+from cloudvolume import CloudVolume
+
+from conftest import image_data, make_layer, read, seg_data, snakemake, write_config
+from magma import workflow
+from magma.errors import MagmaError
+from magma.ops.downsample import pyramid
+
+SEG_SHAPE = (150, 130, 20)
+MOVES = {"0": 5, "5": 0, "3": 4, "4": 3, "9": 11, "10": 9, "11": 10}
+BLOCKS = [((32, 32, 2), (96, 96, 10)), ((160, 144, 0), (224, 208, 16))]  # tissue, mip 0, max exclusive
+
+
+def tissue(shape=(256, 256, 16)):
+    img = np.zeros(shape, dtype=np.uint8)
+    for lo, hi in BLOCKS:
+        img[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 120
+    rng = np.random.default_rng(5)
+    for _ in range(6):  # specks far from the blocks: dust
+        x, y, z = rng.integers(110, 140), rng.integers(8, 24), rng.integers(0, 16)
+        img[x, y, z] = 200
+    return img
+
+
+def mapping_pairs(seg):
+    labels = np.unique(seg)
+    nonzero = labels[labels != 0]
+    # merge pairs of labels into new large ids, leave the last one unmapped
+    return np.array([[int(v), 2**50 + i // 2] for i, v in enumerate(nonzero[:-1])], dtype=np.uint64)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imageops")
+    rng = np.random.default_rng(11)
+    aff = rng.random(SEG_SHAPE + (3,), dtype=np.float32)
+    seg = seg_data(SEG_SHAPE, 3)
+    img = image_data((100, 90, 12), 4)
+    pairs = mapping_pairs(seg)
+    np.save(root / "agglo.npy", pairs)
+    seg32 = (seg_data((64, 64, 16), 9) % np.uint64(1000)).astype(np.uint32)
+    (root / "wide.json").write_text(json.dumps({"0": 3, str(int(seg32.max())): 2**40}))
+    (root / "moves.json").write_text(json.dumps(MOVES))
+    layers = {
+        "aff": make_layer(root / "aff", aff, "image", chunk=(32, 32, 8)),
+        "seg": make_layer(root / "seg", seg, "segmentation", chunk=(32, 32, 8)),
+        "img": make_layer(root / "img", img, "image", chunk=(32, 32, 4)),
+        "seg32": make_layer(root / "seg32", seg32, "segmentation", chunk=(32, 32, 8)),
+        "tissue": make_layer(root / "tissue", tissue(), "image", chunk=(32, 32, 8), offset=(64, 0, 0)),
+        "tissue2": make_layer(root / "tissue2", tissue(), "image", chunk=(32, 32, 8)),
+    }
+    for name in ("q", "agglo", "wide", "reordered"):
+        layers[name] = f"file://{root / name}"
+    steps = {
+        "quantize": dict(op="quantize", src="aff", dest="q", chunk_size=[64, 64, 8], shape=[128, 128, 8]),
+        "agglomerate": dict(op="remap", src="seg", dest="agglo", mapping_file=str(root / "agglo.npy"),
+                            shape=[64, 64, 8], encoding="compresso"),
+        "widen": dict(op="remap", src="seg32", dest="wide", mapping_file=f"file://{root}/wide.json",
+                      data_type="uint64", shape=[64, 64, 8]),
+        "reorder": dict(op="reorder", src="img", dest="reordered", mapping_file=str(root / "moves.json"),
+                        chunk_size=[32, 32, 1], shape=[64, 64, 4]),
+        "tissue_ds": dict(op="downsample", layer="tissue", num_mips=1),
+        "roi": dict(op="roi", layer="tissue"),
+        "roi_steps": dict(op="roi", layer="tissue2", mip=0, z_step=8, max_axial_len=64),
+    }
+    cfgfile = write_config(root / "ops.yaml", {"layers": layers, "steps": steps, "execution": {"tasks_per_job": 16}})
+    work = root / "work"
+    work.mkdir()
+    snakemake(work, cfgfile)
+    return root, layers, dict(aff=aff, seg=seg, img=img, pairs=pairs, seg32=seg32), workflow.plan(
+        {"layers": layers, "steps": steps})
+
+
+def test_quantize_equals_numpy(run):
+    _, layers, data, plan = run
+    assert plan.steps["quantize"].stages[0].grid.n == 2 * 2 * 3
+    want = (data["aff"][..., 0] * 255.0).astype(np.uint8)
+    vol = CloudVolume(layers["q"], progress=False)
+    assert vol.dtype == np.uint8 and vol.num_channels == 1 and vol.layer_type == "image"
+    assert list(vol.chunk_size) == [64, 64, 8]
+    np.testing.assert_array_equal(read(layers["q"]), want)
+    np.testing.assert_array_equal(read(layers["q"], 1), pyramid(want, "avg", (2, 2, 1), 1)[0])
+
+
+def remap_numpy(seg, table, dtype):
+    labels, inverse = np.unique(seg, return_inverse=True)
+    new = np.array([table.get(int(v), int(v)) for v in labels], dtype=dtype)
+    return new[inverse].reshape(seg.shape)
+
+
+def test_remap_npy_equals_numpy(run):
+    _, layers, data, _ = run
+    table = {int(a): int(b) for a, b in data["pairs"]}
+    want = remap_numpy(data["seg"], table, np.uint64)
+    assert len(np.unique(want)) < len(np.unique(data["seg"]))  # labels were merged
+    np.testing.assert_array_equal(read(layers["agglo"]), want)
+    np.testing.assert_array_equal(read(layers["agglo"], 1), pyramid(want, "mode", (2, 2, 1), 1)[0])
+    assert CloudVolume(layers["agglo"], progress=False).info["scales"][0]["encoding"] == "compresso"
+
+
+def test_remap_json_into_wider_type(run):
+    _, layers, data, _ = run
+    seg32 = data["seg32"]
+    table = {0: 3, int(seg32.max()): 2**40}
+    vol = CloudVolume(layers["wide"], progress=False)
+    assert vol.dtype == np.uint64
+    np.testing.assert_array_equal(read(layers["wide"]), remap_numpy(seg32, table, np.uint64))
+
+
+def test_reorder_moves_slices(run):
+    _, layers, data, _ = run
+    img = data["img"]
+    want = img.copy()
+    for z, new in MOVES.items():
+        want[:, :, new] = img[:, :, int(z)]
+    got = read(layers["reordered"])
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, img)
+    assert CloudVolume(layers["reordered"], progress=False).info["scales"][0]["chunk_sizes"] == [[32, 32, 1]]
+
+
+def test_roi_boxes_of_two_tissue_blocks(run):
+    _, layers, _, _ = run
+    rois = CloudVolume(layers["tissue"], progress=False).info["scales"][0]["rois"]
+    want = [[lo[0] + 64, lo[1], lo[2], hi[0] + 64 - 1, hi[1] - 1, hi[2] - 1] for lo, hi in BLOCKS]
+    assert sorted(rois) == sorted(want)
+
+
+def test_roi_z_steps_and_in_memory_downsample(run):
+    _, layers, _, plan = run
+    assert plan.steps["roi_steps"].stages[0].grid.n == 2
+    rois = CloudVolume(layers["tissue2"], progress=False).info["scales"][0]["rois"]
+    want = []
+    for z0, z1 in ((0, 8), (8, 16)):
+        for lo, hi in BLOCKS:
+            a, b = max(lo[2], z0), min(hi[2], z1)
+            if a < b:
+                want.append([lo[0], lo[1], a, hi[0] - 1, hi[1] - 1, b - 1])
+    assert sorted(rois) == sorted(want)
+
+
+# ---- errors before anything is written --------------------------------------------
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badops")
+    np.save(root / "float.npy", np.array([[1.0, 2.0]]))
+    np.save(root / "shape.npy", np.array([1, 2, 3]))
+    np.save(root / "dup.npy", np.array([[1, 2], [1, 3]]))
+    (root / "frac.json").write_text('{"1.5": 2}')
+    (root / "big.json").write_text('{"1": 300}')
+    (root / "notjson.json").write_text("{1: 2")
+    (root / "lost.json").write_text('{"1": 2}')
+    (root / "dups.json").write_text('{"0": 2, "1": 2}')
+    (root / "outside.json").write_text('{"1": 40}')
+    layers = {"seg": make_layer(root / "seg", np.zeros((32, 32, 3), np.uint8), "segmentation", chunk=(32, 32, 1)),
+              "flt": make_layer(root / "flt", np.zeros((32, 32, 3), np.float32), "image", chunk=(32, 32, 1)),
+              "out": f"file://{root / 'out'}"}
+    return root, layers
+
+
+BAD = [
+    ("remap", "float.npy", {}, ["steps.s.mapping_file", "float64", "integers"]),
+    ("remap", "shape.npy", {}, ["steps.s.mapping_file", "(N, 2)"]),
+    ("remap", "dup.npy", {}, ["steps.s.mapping_file", "label 1 more than once"]),
+    ("remap", "frac.json", {}, ["steps.s.mapping_file", "'1.5' is not an integer label"]),
+    ("remap", "notjson.json", {}, ["steps.s.mapping_file"]),
+    ("remap", "missing.json", {}, ["steps.s.mapping_file", "cannot read"]),
+    ("remap", "big.json", {}, ["steps.s.data_type", "300", "uint8"]),
+    ("remap", "lost.json", {"src": "flt"}, ["steps.s.src", "float32"]),
+    ("reorder", "lost.json", {}, ["steps.s.mapping_file", "slice 2 would be overwritten by slice 1", "z=1 would receive no slice"]),
+    ("reorder", "dups.json", {}, ["steps.s.mapping_file", "slices 0, 1 all move to z=2", "z=0, 1 would receive no slice"]),
+    ("reorder", "outside.json", {}, ["steps.s.mapping_file", "z 40 outside", "0..2"]),
+    ("reorder", "missing.json", {}, ["steps.s.mapping_file", "cannot read"]),
+    ("quantize", None, {"src": "seg"}, ["steps.s.src", "float32/float64", "uint8"]),
+    ("roi", None, {"mip": 3}, ["steps.s.mip", "mip 3 does not exist"]),
+]
+
+
+@pytest.mark.parametrize("op,mapping,extra,words", BAD, ids=[f"{b[0]}-{b[1]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_named_at_plan_time(bad, op, mapping, extra, words):
+    root, layers = bad
+    step = {"op": op, "layer": "seg"} if op == "roi" else {"op": op, "src": "seg", "dest": "out"}
+    if mapping:
+        step["mapping_file"] = str(root / mapping)
+    step.update(extra)
+    with pytest.raises(MagmaError) as err:
+        workflow.plan({"layers": layers, "steps": {"s": step}})
+    for w in words:
+        assert w in str(err.value), str(err.value)
+    assert not (root / "out").exists()
