@@ -18,7 +18,28 @@ def layers(tmp_path_factory):
         "seg": make_layer(root / "seg", seg_data((128, 128, 32)), "segmentation", chunk=(32, 32, 16)),
         "out": f"file://{root / 'out'}",
         "nothing": f"file://{root / 'nothing'}",
+        "noscales": _info_only(root / "noscales", {"type": "image", "data_type": "uint8", "num_channels": 1}),
+        "notjson": _info_only(root / "notjson", '{"type": "image", "scales": ['),
+        "floatseg": _info_only(root / "floatseg", dict(
+            json.loads((root / "seg" / "info").read_text()), data_type="float32")),
     }
+
+
+def _info_only(folder, info) -> str:
+    folder.mkdir(parents=True)
+    (folder / "info").write_text(info if isinstance(info, str) else json.dumps(info))
+    return f"file://{folder}"
+
+
+def snapshot(layers) -> dict:
+    """Every file under the layers' common folder: path -> (size, mtime)."""
+    root = os.path.commonpath([u[7:] for u in layers.values()])
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(folder, f))
+            out[os.path.join(folder, f)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def cfg(layers, **steps):
@@ -91,6 +112,54 @@ CASES = {
     "bad step name": (
         lambda L: cfg(L, **{"my step": {"op": "downsample", "layer": "img"}}),
         ["'my step'", "must start with a letter"]),
+    "info with missing keys": (
+        lambda L: cfg(L, s={"op": "downsample", "layer": "noscales"}),
+        ["layer 'noscales'", "info is missing scales"]),
+    "info that is not JSON": (
+        lambda L: cfg(L, s={"op": "downsample", "layer": "notjson"}),
+        ["layer 'notjson'", "/info is not valid JSON"]),
+    "float segmentation": (
+        lambda L: cfg(L, s={"op": "transfer", "src": "floatseg", "dest": "out"}),
+        ["layer 'floatseg'", "integer labels", "float32"]),
+    "unknown encoding": (
+        lambda L: cfg(L, s={"op": "downsample", "layer": "img", "encoding": "jpg"}),
+        ["steps.s.encoding", "'jpg' is not one of"]),
+    "negative chunk size": (
+        lambda L: cfg(L, s={"op": "transfer", "src": "img", "dest": "out", "chunk_size": [-64, 64, 16]}),
+        ["steps.s.chunk_size", "-64"]),
+    "zero threads": (
+        lambda L: dict(cfg(L, s={"op": "downsample", "layer": "img"}), execution={"threads": 0}),
+        ["execution.threads", "0"]),
+    "run_dir climbing out of the working directory": (
+        lambda L: dict(cfg(L, s={"op": "downsample", "layer": "img"}), execution={"run_dir": "results/../../x"}),
+        ["execution.run_dir", "'..'"]),
+    "run_dir with shell characters": (
+        lambda L: dict(cfg(L, s={"op": "downsample", "layer": "img"}), execution={"run_dir": "r; rm -rf ~"}),
+        ["execution.run_dir", "only letters, digits"]),
+    "execution override for no step": (
+        lambda L: dict(cfg(L, s={"op": "downsample", "layer": "img"}), execution={"steps": {"t": {"threads": 2}}}),
+        ["execution.steps.t", "no step named 't'"]),
+    "empty config": (lambda L: None, ["config is empty"]),
+    "config without layers": (lambda L: {"steps": {}}, ["config: 'layers' is a required property"]),
+    "step without op": (
+        lambda L: cfg(L, s={"layer": "img"}),
+        ["steps.s", "'op' is a required property"]),
+    "transfer onto an existing layer of another kind": (
+        lambda L: cfg(L, s={"op": "transfer", "src": "img", "dest": "seg"}),
+        ["steps.s.dest", "layer 'seg' already exists", "data_type"]),
+    "memory target below one chunk": (
+        lambda L: cfg(L, s={"op": "transfer", "src": "img", "dest": "out", "memory_target": 1000}),
+        ["steps.s.memory_target", "too small for one chunk"]),
+    "translate moving the source out of the destination": (
+        lambda L: cfg(L, s={"op": "transfer", "src": "img", "dest": "out", "translate": [-128, 0, 0]}),
+        ["steps.s.translate", "outside the destination", "copy would be empty"]),
+    "sharded output with bounds": (
+        lambda L: cfg(L, s={"op": "transfer", "src": "img", "dest": "out", "sharded": True,
+                            "bounds": [[0, 0, 0], [64, 64, 16]]}),
+        ["steps.s.bounds", "whole shards"]),
+    "demo into one layer": (
+        lambda L: dict(cfg(L), demo={"image": "out", "segmentation": "out"}),
+        ["demo", "different layers"]),
     "layer path not a cloud path": (
         lambda L: cfg(dict(L, img="/data/img"), s={"op": "downsample", "layer": "img"}),
         ["layers.img", "/data/img"]),
@@ -100,10 +169,16 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_config_is_rejected_with_its_name(layers, case):
     make, needles = CASES[case]
+    before = snapshot(layers)
     with pytest.raises(MagmaError) as err:
         workflow.plan(make(layers))
     for needle in needles:
         assert needle in str(err.value), f"{case}: {needle!r} not in {err.value}"
+    assert snapshot(layers) == before, f"{case}: a file was written or changed"
+
+
+def test_at_least_25_distinct_cases():
+    assert len(CASES) >= 25
 
 
 def test_snakemake_reports_bad_config_and_writes_nothing(layers, tmp_path, workdir):
@@ -141,3 +216,23 @@ def test_missing_chunk_fails_before_writing(tmp_path, workdir):
 
     out = read(f"file://{tmp_path / 'out'}")
     assert np.all(out[32:64, 64:96, 16:32] == 0) and np.array_equal(out[:32], img[:32])
+
+
+def test_damaged_chunk_is_named(tmp_path, workdir):
+    """A truncated gzip chunk (a crash of some other writer): the task that reads it fails naming
+    the file, and writes nothing of its own block."""
+    img = image_data((128, 128, 32))
+    url = make_layer(tmp_path / "img", img, "image", chunk=(32, 32, 16))
+    bad = tmp_path / "img" / "8_8_40" / "32-64_64-96_16-32.gz"
+    bad.write_bytes(bad.read_bytes()[:100])
+    cfg_ = {"layers": {"img": url},
+            "steps": {"ds": {"op": "downsample", "layer": "img", "num_mips": 1, "memory_target": 2.0e4}},
+            "execution": {"threads": 1, "retries": 0}}
+    proc = snakemake(workdir, write_config(tmp_path / "d.yaml", cfg_), "--keep-going", check=False)
+    assert proc.returncode != 0
+    logs = "".join(p.read_text() for p in (workdir / "results" / "d" / "logs").rglob("*.log"))
+    assert f"{url}/8_8_40/32-64_64-96_16-32 is damaged and cannot be decoded" in logs, logs[-3000:]
+    assert "Traceback" not in logs
+    # the block that holds the damaged chunk was not written; the others were
+    written = {p.name for p in (tmp_path / "img" / "16_16_40").iterdir()}
+    assert "0-32_32-64_16-32.gz" not in written and "0-32_0-32_0-16.gz" in written, sorted(written)

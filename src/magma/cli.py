@@ -218,7 +218,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from . import storage
+
     args = parser().parse_args(argv)
+    storage.install()
     try:
         return args.func(args)
     except MagmaError as exc:

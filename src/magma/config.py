@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 
 import jsonschema
@@ -59,7 +60,7 @@ def _message(err: jsonschema.ValidationError, prefix: str) -> str:
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         return f"{where}: unknown key {', '.join(hints)}; allowed: {', '.join(allowed)}"
     if err.validator == "required":
-        return f"{where}: {err.message}"
+        return f"{where}: {err.message}" if where else err.message
     if err.validator == "propertyNames" or "propertyNames" in err.schema_path:
         return f"{where}: name {err.instance!r} must start with a letter and use only letters, digits, _ and -"
     return f"{where or 'config'}: {err.message}"
@@ -89,10 +90,35 @@ def _resolve(ref: str, root: dict) -> dict:
     return node
 
 
+SAFE_PATH = re.compile(r"[A-Za-z0-9_./-]+")
+
+
+def check_run_dir(run_dir) -> None:
+    """Markers and logs stay where the user said: inside the working directory for a
+    relative path (no `..`), or exactly the absolute path given. Plain characters only,
+    so the path means the same to Snakemake, to a shell and to every executor."""
+    if run_dir is None:
+        return
+    where = "config: execution.run_dir"
+    if not SAFE_PATH.fullmatch(run_dir):
+        raise MagmaError(f"{where}: {run_dir!r} may use only letters, digits, '_', '-', '.' and '/'")
+    if ".." in run_dir.split("/"):
+        raise MagmaError(
+            f"{where}: {run_dir!r} climbs out with '..'; markers and logs go inside the working directory"
+            " (a relative path) or to an absolute path you name"
+        )
+    if run_dir.strip("/.") == "":
+        raise MagmaError(f"{where}: {run_dir!r} names no directory; use e.g. results/my-dataset")
+
+
 def validate(config: dict) -> dict:
     """A validated copy of `config` with every default filled in."""
     schema = load_schema()
-    cfg = copy.deepcopy(config or {})
+    if not config:
+        raise MagmaError("config: the config is empty; it needs `layers` and `steps` (see config/README.md)")
+    if not isinstance(config, dict):
+        raise MagmaError(f"config: expected a mapping with `layers` and `steps`, got {type(config).__name__}")
+    cfg = copy.deepcopy(config)
     cls = jsonschema.Draft202012Validator
     top = {k: v for k, v in schema.items() if k != "$defs"} | {"$defs": schema["$defs"]}
     _raise_first(cls(top), cfg, "")
@@ -122,6 +148,7 @@ def validate(config: dict) -> dict:
                 raise MagmaError(
                     f"config: steps.{name}.{key}: no layer named '{step[key]}'; layers: {', '.join(cfg['layers'])}"
                 )
+    check_run_dir(cfg["execution"]["run_dir"])
     for name in cfg["execution"]["steps"]:
         if name not in cfg["steps"]:
             raise MagmaError(f"config: execution.steps.{name}: no step named '{name}'")

@@ -20,13 +20,14 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 
-from . import __version__, layers
+from . import __version__, layers, safe_writes, storage
 from .errors import MagmaError
 from .markers import read_marker, write_marker
 from .ops import OPS
 from .plan import Stage
 
 log = logging.getLogger("magma")
+safe_writes.install()  # every file:// object a job writes is all-or-nothing
 
 
 def _logging(logfile):
@@ -95,6 +96,15 @@ def _run_task(op_name: str, params: dict, box: Bbox, paths: dict, step: str) -> 
             f"steps.{step}: missing chunk while reading {box.minpt.tolist()}..{box.maxpt.tolist()}"
             f" ({exc}). Set fill_missing: true to read missing chunks as background."
         ) from exc
+    except MagmaError:
+        raise
+    except Exception as exc:
+        where = getattr(exc, "magma_path", None)
+        if where is None:
+            raise
+        # a plain message: it crosses the worker process boundary and names the object
+        raise MagmaError(f"steps.{step}: task {box.minpt.tolist()}..{box.maxpt.tolist()}: "
+                         + storage.failure_message(where, exc)) from None
 
 
 def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
@@ -154,7 +164,10 @@ def finish(spec: dict, job_markers: list, marker: str, logfile=None) -> dict:
         vol = CloudVolume(spec["paths"][layer], progress=False)
         if spec["sources"] and spec["sources"] != [layer]:
             vol.provenance.sources = [spec["paths"][s] for s in spec["sources"]]
-        vol.provenance.processing.append(entry)
+        done = vol.provenance.processing
+        if done and done[-1].get("method") == json.loads(json.dumps(entry["method"])):
+            done.pop()  # this finish job ran before and was killed before its marker: record it once
+        done.append(entry)
         vol.commit_provenance()
         log.info(f"[{spec['step']}] provenance recorded on {spec['paths'][layer]}")
     summary["seconds"] = round(summary["seconds"], 3)
@@ -168,6 +181,11 @@ def main(smk) -> None:
     spec = smk.params.spec
     logfile = smk.log[0] if smk.log else None
     kind = spec["kind"]
+    # from the config, not from params: tuning retries must not make Snakemake redo finished jobs
+    ex = (getattr(smk, "config", None) or {}).get("execution") or {}
+    storage.install(ex.get("storage_attempts"), ex.get("storage_first_wait"))
+    _logging(logfile)
+    log.info(f"[{spec['step']}] {kind} job started")
     try:
         if kind == "setup":
             setup(spec, smk.output[0], logfile)
@@ -177,4 +195,10 @@ def main(smk) -> None:
             finish(spec, [p for p in smk.input if "/jobs/" in p], smk.output[0], logfile)
     except MagmaError as exc:
         log.error(f"ERROR: {exc}")
+        raise SystemExit(1) from None
+    except Exception as exc:  # setup and finish read and write info/provenance files
+        where = getattr(exc, "magma_path", None)
+        if where is None:
+            raise
+        log.error(f"ERROR: steps.{spec['step']}: {storage.failure_message(where, exc)}")
         raise SystemExit(1) from None

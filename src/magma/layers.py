@@ -62,6 +62,15 @@ def check_info(name: str, info: dict) -> None:
         raise MagmaError(f"layer '{name}': info is missing {', '.join(missing)}")
     if not info["scales"]:
         raise MagmaError(f"layer '{name}': info has no scales")
+    try:
+        dtype = np.dtype(info["data_type"])
+    except TypeError:
+        raise MagmaError(f"layer '{name}': info data_type {info['data_type']!r} is not a data type") from None
+    if info["type"] == "segmentation" and dtype.kind not in "ui":
+        raise MagmaError(
+            f"layer '{name}': a segmentation holds integer labels, but its info says data_type"
+            f" {info['data_type']}; store it as uint32/uint64, or declare it type 'image'"
+        )
     for i, scale in enumerate(info["scales"]):
         need = [k for k in ("key", "resolution", "size", "voxel_offset", "chunk_sizes", "encoding") if k not in scale]
         if need:

@@ -8,6 +8,7 @@ so planning a petavoxel layer costs the same as planning a small one.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,7 +126,12 @@ def batch_size(n_tasks: int, execution: dict) -> int:
     return max(per, math.ceil(n_tasks / cap))
 
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def make_stage(name: str, grid: Grid, params: dict, execution: dict, task_bytes: float = 0.0) -> Stage:
+    if not STAGE_NAME.fullmatch(name):  # it becomes a directory name and a Snakemake wildcard
+        raise ValueError(f"stage name {name!r}: use letters, digits, '_', '-' and '.'")
     if grid.n == 0:
         raise MagmaError(f"stage {name}: the region to process is empty")
     # a task never holds more than the region it covers (small layers, big default shapes)

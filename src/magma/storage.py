@@ -70,3 +70,128 @@ def describe_error(path: str, exc: BaseException) -> str:
     if protocol == "gs" and code in ("404",) and "bucket" in str(exc).lower():
         return f"bucket '{bucket}' does not exist on Google Cloud Storage ({exc})"
     return f"{name}: {exc}" if code is None else f"{name} ({code}): {exc}"
+
+
+# ---- retries and file names -----------------------------------------------------------------
+# cloud-files retries every failed S3/GCS/HTTP call 7 times with random waits of up to a minute,
+# whatever the error, and an error it finally raises does not say which object it was about.
+# magma's jobs (and its planner) replace that policy: transient errors (connection trouble,
+# timeouts, 5xx, throttling) are retried with exponential backoff; errors that no retry can fix
+# (no such bucket, access denied, bad credentials) fail at once. Either way the error carries the
+# object's address (`exc.magma_path`), which the job puts in its message.
+PERSISTENT_CODES = {
+    "NoSuchBucket", "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "InvalidBucketName", "AuthorizationHeaderMalformed", "InvalidRequest",
+    "MethodNotAllowed", "NotImplemented", "403", "404", "400", "401",
+}
+PERSISTENT_TYPES = ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "NotFound",
+                    "Forbidden", "Unauthorized", "BadRequest", "AuthorizationError", "UnsupportedProtocolError")
+RETRY = {"attempts": 6, "first_wait": 0.5, "max_wait": 30.0}
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether another attempt may succeed (unknown errors are given the benefit of the doubt)."""
+    code = _code(exc)
+    if code in PERSISTENT_CODES or type(exc).__name__ in PERSISTENT_TYPES:
+        return False
+    return not isinstance(exc, (KeyError, TypeError, ValueError, PermissionError, FileNotFoundError))
+
+
+def _address(iface, file_path) -> str:
+    p = iface._path
+    name = file_path if isinstance(file_path, str) else "(several objects)"
+    name = name or ""
+    if p.protocol == "file":
+        return f"file://{iface.get_path_to_file(name)}"
+    return f"{p.protocol}://{p.bucket}/{iface.get_path_to_file(name)}"
+
+
+def _named(fn, retried: bool):
+    import functools
+
+    import tenacity
+
+    if retried:  # cloud-files' own function under its tenacity decorator
+        policy = tenacity.Retrying(
+            reraise=True,
+            retry=tenacity.retry_if_exception(transient),
+            stop=tenacity.stop_after_attempt(RETRY["attempts"]),
+            wait=tenacity.wait_random_exponential(RETRY["first_wait"], RETRY["max_wait"]),
+        )
+        inner = fn.__wrapped__
+    else:
+        policy, inner = None, fn
+
+    @functools.wraps(inner)
+    def call(self, *args, **kw):
+        try:
+            if policy is None:
+                return inner(self, *args, **kw)
+            return policy.copy()(inner, self, *args, **kw)
+        except Exception as exc:
+            if not hasattr(exc, "magma_path"):
+                name = args[0] if args else next((kw[k] for k in ("file_path", "prefix", "path") if k in kw), "")
+                exc.magma_path = _address(self, name)
+            raise
+
+    call.magma_wrapped = True
+    return call
+
+
+def install(attempts: int | None = None, first_wait: float | None = None) -> None:
+    """Apply magma's retry policy and error addresses to cloud-files' storage interfaces."""
+    from cloudfiles import interfaces
+    from cloudvolume.datasource.precomputed.image import rx
+
+    if attempts is not None:
+        RETRY["attempts"] = max(1, int(attempts))
+    if first_wait is not None:
+        RETRY["first_wait"] = float(first_wait)
+    for cls in (interfaces.S3Interface, interfaces.GoogleCloudStorageInterface, interfaces.HttpInterface,
+                interfaces.FileInterface):
+        for name in ("put_file", "get_file", "head", "size", "delete_file", "delete_files", "exists", "list_files"):
+            fn = cls.__dict__.get(name)
+            if fn is None or getattr(fn, "magma_wrapped", False):
+                continue
+            setattr(cls, name, _named(fn, hasattr(fn, "retry_with")))
+    if not getattr(rx.download_chunk, "magma_wrapped", False):
+        rx.download_chunk = _chunk_named(rx.download_chunk)
+
+
+def _chunk_named(download_chunk):
+    """CloudVolume decodes a chunk after cloud-files read it; a damaged chunk (truncated gzip,
+    bad codec stream) fails there without a name. This puts the chunk's address on the error."""
+    import functools
+
+    @functools.wraps(download_chunk)
+    def call(meta, cache, lru, lru_encoding, cloudpath, mip, filename, *args, **kw):
+        try:
+            return download_chunk(meta, cache, lru, lru_encoding, cloudpath, mip, filename, *args, **kw)
+        except Exception as exc:
+            if not hasattr(exc, "magma_path") and type(exc).__name__ != "EmptyVolumeException":
+                exc.magma_path = f"{cloudpath.rstrip('/')}/{filename}"
+            raise
+
+    call.magma_wrapped = True
+    return call
+
+
+def damaged(exc: BaseException) -> bool:
+    """A stored object that was read but cannot be decoded (truncated gzip, bad codec stream)."""
+    import gzip
+    import zlib
+
+    name = type(exc).__name__
+    return (isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile))
+            or any(w in name for w in ("Decod", "Decompress", "Deflate")))
+
+
+def failure_message(where: str, exc: BaseException) -> str:
+    """What failed, on which object, and whether it was retried."""
+    reason = describe_error(where, exc)
+    if damaged(exc):
+        return (f"{where} is damaged and cannot be decoded ({reason}). Rebuild it from its source,"
+                " or delete it and set fill_missing: true to read it as background.")
+    if not where.startswith("file://") and transient(exc):
+        return f"{where}: still failing after {RETRY['attempts']} attempts: {reason}"
+    return f"{where}: {reason}"

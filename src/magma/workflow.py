@@ -11,6 +11,7 @@ Two steps creating the same layer, or a cycle, are config errors.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,4 +130,5 @@ def run_dir(cfg: dict, configfiles) -> str:
     if cfg["execution"]["run_dir"]:
         return cfg["execution"]["run_dir"]
     stem = Path(configfiles[-1]).stem if configfiles else "config"
-    return f"results/{stem}"
+    # the file name becomes a directory: keep plain characters only
+    return "results/" + (re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".") or "config")

@@ -105,7 +105,10 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
         if p["shape"] is not None:
             shape = list(p["shape"])
         else:
-            shape = list(shape_from_memory_target(width * channels, chunk, factor, memory, p["max_mips"]))
+            try:
+                shape = list(shape_from_memory_target(width * channels, chunk, factor, memory, p["max_mips"]))
+            except ValueError as exc:
+                raise MagmaError(f"{where}.memory_target: {exc}; raise it or set `shape`") from None
         if factor[2] == 1:
             shape[2] = int(chunk[2] * max(round(shape[2] / chunk[2]), 1))
         k = 0 if p["skip_downsamples"] else mips_for_shape(shape, factor, chunk, meta.volume_size(mip))
@@ -130,6 +133,12 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     step.infos[p["dest"]] = info
     ctx.infos[p["dest"]] = info
     read = Bbox.clamp(box - translate, smeta.bounds(mip))
+    if read.volume() == 0 and not p["fill_missing"]:
+        raise MagmaError(
+            f"{where}.translate: {translate.tolist()} moves all of '{p['src']}' ({smeta.bounds(mip).minpt.tolist()}.."
+            f"{smeta.bounds(mip).maxpt.tolist()}) outside the destination box {box.minpt.tolist()}..{box.maxpt.tolist()};"
+            " the copy would be empty. Set dest_voxel_offset with it, or check the sign"
+        )
     step.checks = [(p["src"], mip, read, p["fill_missing"])] if read.volume() > 0 else []
     return step
 

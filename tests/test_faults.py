@@ -1,0 +1,287 @@
+"""Crashes: a write killed half-way leaves nothing behind (file://), and a pipeline SIGKILLed
+at seeded points, then unlocked and re-run, ends identical to a clean run without redoing
+any job that had finished."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cloudfiles import CloudFiles
+from cloudfiles.interfaces import FileInterface
+from cloudfiles.paths import extract
+from cloudvolume import CloudVolume
+
+from conftest import SNAKEFILE, image_data, make_layer, seg_data, snakemake, write_config
+from magma import safe_writes
+
+
+class DiesMidWrite:
+    """A file-like body that hands out one block, then SIGKILLs its own process."""
+
+    def __init__(self, block: bytes):
+        self.block, self.calls = block, 0
+
+    def read(self, n=-1):
+        self.calls += 1
+        if self.calls == 1:
+            return self.block
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def seek(self, *a):
+        return 0
+
+
+def put_and_die(url: str, name: str) -> int:
+    """Fork a child that writes `name` through cloud-files and is killed in the middle."""
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            FileInterface(extract(url)).put_file(name, DiesMidWrite(b"x" * 65536), "application/octet-stream", None)
+        finally:
+            os._exit(3)  # only reached if the kill did not happen
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_write_killed_midway_leaves_no_partial_object(tmp_path, atomic):
+    url = f"file://{tmp_path}/layer"
+    CloudFiles(url).put("0-64_0-64_0-64", b"old" * 10, compress=None)
+    if atomic:
+        safe_writes.install()
+    try:
+        assert put_and_die(url, "0-64_0-64_0-64") == -signal.SIGKILL
+        assert put_and_die(url, "64-128_0-64_0-64") == -signal.SIGKILL
+    finally:
+        safe_writes.uninstall()
+    cf = CloudFiles(url)
+    if not atomic:
+        # what cloud-files 6 does on its own: the killed write replaced the object with a truncated one
+        assert cf.get("0-64_0-64_0-64") == b"x" * 65536 and cf.exists("64-128_0-64_0-64")
+        return
+    assert cf.get("0-64_0-64_0-64") == b"old" * 10, "the old object is untouched"
+    assert not cf.exists("64-128_0-64_0-64"), "a killed write creates no object"
+    # the re-run of the killed job writes the same objects again: that renames the temporary
+    # files the kills left, and nothing else remains
+    safe_writes.install()
+    try:
+        cf.put("0-64_0-64_0-64", b"new0", compress=None)
+        cf.put("64-128_0-64_0-64", b"new1", compress=None)
+    finally:
+        safe_writes.uninstall()
+    assert cf.get("0-64_0-64_0-64") == b"new0" and cf.get("64-128_0-64_0-64") == b"new1"
+    assert sorted(os.listdir(tmp_path / "layer")) == ["0-64_0-64_0-64", "64-128_0-64_0-64"]
+
+
+# ---- SIGKILL at seeded points of a whole pipeline -----------------------------------------------
+KILL_POINTS = int(os.environ.get("MAGMA_FAULT_POINTS", "20"))
+SEED = 20261125
+RUN = "results/faults"
+
+
+def pipeline(root: Path) -> dict:
+    """Every op that has landed, on small generated data, in jobs of a few tasks each."""
+    layers = {"img": f"file://{root}/data/img", "seg": f"file://{root}/data/seg",
+              "copy": f"file://{root}/data/copy", "shards": f"file://{root}/data/shards"}
+    steps = {
+        "pyr": {"op": "downsample", "layer": "img", "num_mips": 2, "memory_target": 3e4},
+        "copy": {"op": "transfer", "src": "seg", "dest": "copy", "chunk_size": [32, 32, 16],
+                 "encoding": "compresso", "shape": [64, 64, 16]},
+        "shards": {"op": "transfer", "src": "img", "dest": "shards", "sharded": True, "memory_target": 6e4},
+    }
+    # few, fuller jobs: each script job costs a Python start-up, and the test pays for ~10 runs
+    return {"layers": layers, "steps": steps, "execution": {"tasks_per_job": 8, "threads": 1, "retries": 0}}
+
+
+def make_inputs(root: Path) -> None:
+    make_layer(root / "data" / "img", image_data((128, 128, 32), 5), "image", chunk=(32, 32, 16))
+    make_layer(root / "data" / "seg", seg_data((128, 128, 32), 6), "segmentation", chunk=(32, 32, 16))
+
+
+def files(root: Path) -> dict:
+    """Every file under the layers: relative path -> bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "data").rglob("*")) if p.is_file()}
+
+
+def markers(work: Path) -> dict:
+    d = work / RUN / "markers"
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in d.rglob("*.json")} if d.exists() else {}
+
+
+def unfinished(work: Path) -> set:
+    """Outputs Snakemake still records as incomplete (.snakemake/incomplete)."""
+    root = work / ".snakemake" / "incomplete"
+    out = set()
+    for rec in root.rglob("*") if root.exists() else []:
+        if rec.is_file() and rec.name != "migration_underway":
+            name = "".join(p.lstrip("@") for p in rec.relative_to(root).parts)
+            out.add(base64.urlsafe_b64decode(name).decode())
+    return out
+
+
+def done_markers(work: Path) -> dict:
+    todo = unfinished(work)
+    return {p: t for p, t in markers(work).items() if p not in todo and str(work / p) not in todo}
+
+
+def marker_of(log: str) -> str:
+    """The marker a script job writes last, from its log's path (relative to the run dir's logs/)."""
+    parts = Path(log).parts
+    if len(parts) == 2:  # <step>/setup.log, <step>/finish.log
+        return f"{RUN}/markers/{parts[0]}/" + ("setup.json" if parts[1] == "setup.log" else "done.json")
+    return f"{RUN}/markers/{parts[0]}/jobs/{parts[1]}/{Path(parts[2]).stem}.json"
+
+
+def clean_run(work: Path, cfgfile: Path) -> list:
+    """Run to the end, watching the run dir: (log, start, seconds) of every script job. A job's
+    log appears when its code starts; its marker when it is done."""
+    t0 = time.time()
+    proc = start(work, cfgfile)
+    seen, logs = {}, work / RUN / "logs"
+    while proc.poll() is None:
+        for log in logs.rglob("*.log") if logs.exists() else []:
+            rel = str(log.relative_to(logs))
+            if "/stages/" not in rel and rel not in seen:  # gates are in-process touches
+                seen[rel] = [time.time() - t0, None]
+        for rel, times in seen.items():
+            if times[1] is None and (work / marker_of(rel)).exists():
+                times[1] = time.time() - t0
+        time.sleep(0.01)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == 0, err[-4000:]
+    return sorted(((rel, a, (b if b is not None else time.time() - t0) - a) for rel, (a, b) in seen.items()),
+                  key=lambda j: j[1])
+
+
+def start(work: Path, cfgfile: Path, *args):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(work), "--cores", "2",
+           "--configfile", str(cfgfile), *args]
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def run_and_kill(work: Path, cfgfile: Path, job_log: str, after: float, timeout=120) -> str:
+    """Resume the run; once `job_log` is (re)written by this run, wait `after` s and SIGKILL the
+    whole process group. Returns what happened, for the failure message."""
+    log = work / RUN / "logs" / job_log
+    t0 = time.time() - 0.01  # mtimes are in coarse ticks
+    proc = start(work, cfgfile, "--rerun-incomplete")
+    fired = None
+    while time.time() - t0 < timeout and proc.poll() is None:
+        if fired is None and log.exists() and log.stat().st_mtime >= t0:
+            fired = time.time()
+        if fired is not None and time.time() - fired >= after:
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        raise AssertionError(f"the run ended before the kill point {job_log} +{after:.2f}s:\n{proc.stderr.read()[-3000:]}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    return f"{job_log} +{after:.2f}s"
+
+
+def check_no_partial_files(root: Path, ref: dict) -> None:
+    """After a kill: every data object present is complete (byte-equal to the clean run's);
+    info and provenance are whole JSON; only hidden .part temporaries may be extra."""
+    for name, data in files(root).items():
+        base = os.path.basename(name)
+        if base.startswith(".") and base.endswith(".part"):
+            continue
+        assert name in ref, f"unexpected file after a kill: {name}"
+        if base in ("info", "provenance"):
+            json.loads(data)
+        else:
+            assert data == ref[name], f"half-written or wrong file after a kill: {name}"
+
+
+def provenance_steps(data: bytes) -> list:
+    return [(e["method"]["step"], json.dumps(e["method"], sort_keys=True)) for e in json.loads(data)["processing"]]
+
+
+def check_equal_to_clean(root: Path, ref: dict) -> None:
+    now = files(root)
+    assert sorted(now) == sorted(ref), (f"files differ from the clean run: extra {sorted(set(now) - set(ref))},"
+                                        f" missing {sorted(set(ref) - set(now))}")
+    for name, data in ref.items():
+        if name.endswith("/provenance"):  # dates and hosts differ; the entries may not
+            assert provenance_steps(now[name]) == provenance_steps(data), f"{name}: provenance entries differ"
+        else:
+            assert now[name] == data, f"{name} differs from the clean run"
+    for layer in ("img", "seg", "copy", "shards"):  # and CloudVolume reads every mip
+        url = f"file://{root}/data/{layer}"
+        for mip in range(len(CloudVolume(url).info["scales"])):
+            vol = CloudVolume(url, mip=mip, progress=False)
+            assert vol[vol.bounds].shape[:3] == tuple(vol.bounds.size3())
+
+
+def copy_state(src: Path, dst: Path) -> None:
+    """The layers and the working directory (Snakemake's metadata included), mtimes kept."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for sub in ("data", "work"):
+        shutil.copytree(src / sub, dst / sub, symlinks=True)
+
+
+def test_sigkill_at_seeded_points_then_resume(tmp_path):
+    root = tmp_path / "live"
+    (root / "work").mkdir(parents=True)
+    make_inputs(root)
+    cfgfile = write_config(tmp_path / "faults.yaml", pipeline(root))
+    copy_state(root, tmp_path / "inputs")
+
+    # the clean run: reference outputs and the job timeline the kill points are drawn from
+    t0 = time.time()
+    jobs = clean_run(root / "work", cfgfile)
+    clean_seconds = time.time() - t0
+    ref = files(root)
+    assert len(jobs) >= 9, jobs
+
+    rng = random.Random(SEED)
+    picks = sorted(rng.sample([(j, round(rng.random(), 3)) for j in jobs for _ in range(3)], KILL_POINTS),
+                   key=lambda p: p[0][1] + p[1] * p[0][2])
+
+    # the lineage: restore the inputs, then for every point resume the previous (killed) state,
+    # kill it again at this point, and branch off a copy that is unlocked, re-run and compared
+    shutil.rmtree(root)
+    copy_state(tmp_path / "inputs", root)
+    results = []
+    for i, ((job, _, seconds), frac) in enumerate(picks):
+        if marker_of(job) in done_markers(root / "work"):
+            # it ran alongside an earlier kill point and finished: the first job not done instead
+            job, _, seconds = next(j for j in jobs if marker_of(j[0]) not in done_markers(root / "work"))
+        where = run_and_kill(root / "work", cfgfile, job, frac * seconds)
+        check_no_partial_files(root, ref)
+        snakemake(root / "work", cfgfile, "--unlock")
+        copy_state(root, tmp_path / "killed")  # the lineage goes on from here
+
+        before = done_markers(root / "work")
+        snakemake(root / "work", cfgfile, "--rerun-incomplete")
+        after = markers(root / "work")
+        redone = sorted(p for p, t in before.items() if after.get(p) != t)
+        assert not redone, f"point {i} ({where}): finished jobs were redone: {redone}"
+        check_equal_to_clean(root, ref)
+        results.append((where, len(before)))
+
+        shutil.rmtree(root)
+        copy_state(tmp_path / "killed", root)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"clean run {clean_seconds:.1f} s, {len(jobs)} script jobs; whole test {time.time() - t0:.0f} s,"
+          f" {usage.ru_utime + usage.ru_stime:.0f} s CPU in subprocesses; {len(results)} kill points,"
+          " all identical after resume:")
+    for where, n in results:
+        print(f"  killed at {where}: {n} job markers kept")
+    assert len(results) == KILL_POINTS and len({w for w, _ in results}) == KILL_POINTS
