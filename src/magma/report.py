@@ -288,7 +288,8 @@ def voxel_counts_png(path: str, mip: int, out: str, top: int = 20) -> dict:
     vol = CloudVolume(path, mip=mip, progress=False)
     raw = CloudFiles(path).get(f"{vol.meta.key(mip)}/stats/voxel_counts.im")
     imap = IntMap(raw)
-    items = sorted(((int(k), int(imap[k])) for k in imap.keys()), key=lambda kv: -kv[1])
+    # items(), not imap[k]: IntMap's lookup takes a signed index and fails on ids >= 2**63
+    items = sorted(((int(k), int(v)) for k, v in imap.items()), key=lambda kv: -kv[1])
     shown = [kv for kv in items if kv[0] != 0][:top]
     fig, (ax,) = _figure()
     ax.barh([str(k) for k, _ in shown][::-1], [v for _, v in shown][::-1], color="tab:green")
