@@ -1,0 +1,353 @@
+"""mesh: forge per-task mesh fragments from a segmentation, then merge them per label.
+
+Stages (one snakemake run):
+  forge   grid of `shape` at `mip`, 1-voxel high-side overlap: fragments + spatial index
+  index   one task: reads what forge recorded, writes the mesh info (with the sharding
+          spec, sized from the label count) and one work list per merge bucket
+  merge   a fixed number of label-hash buckets: legacy manifests `SEGID:0`, or
+          multi-LOD Draco meshes (`SEGID.index` + `SEGID`), or, sharded, per-shard
+          partial maps of encoded labels
+  shards  (sharded only) the same number of tasks, each assembling the shard files
+          whose number falls to it from the partial maps
+  clean   one task: removes the work lists and partial maps
+
+Intermediates live next to the meshes (`<mesh_dir>/magma-work/`, and the forge
+fragments themselves, as Igneous leaves them), so cluster and cloud runs work.
+Every task rewrites whole files, so a killed job is simply run again.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from collections import defaultdict
+
+import numpy as np
+import zmesh
+from cloudfiles import CloudFiles
+from cloudvolume import Bbox
+from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, synthesize_shard_files
+from cloudvolume.lib import getprecision
+from mapbuffer import IntMap, MapBuffer
+
+from .. import layers
+from ..errors import MagmaError
+from ..meshes import forge as kernel
+from ..meshes import multilod
+from ..meshes.shards import buckets, mapkey, pack, spec_for, unpack
+from ..plan import Grid, StepPlan, make_stage
+from .common import compress_arg, dtype_width, open_volume
+
+WORK = "magma-work"
+MAX_BUCKETS = 1000  # merge tasks; each holds the meshes of 1/N of the labels
+
+
+# ---- planning ---------------------------------------------------------------
+def reads(p):
+    return [p["layer"]]
+
+
+def writes(p):
+    return [p["layer"]]
+
+
+def creates(p):
+    return []
+
+
+def _number(x) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def kind_of(p) -> str:
+    if p["sharded"]:
+        return "sharded"
+    return "multilod" if (p["nlod"] or 0) > 0 else "legacy"
+
+
+def plan(ctx, name: str, p: dict) -> StepPlan:
+    where = f"steps.{name}"
+    lname = p["layer"]
+    info = ctx.infos[lname]
+    layers.check_mip(lname, info, p["mip"], key=f"{where}.mip")
+    if info["type"] != "segmentation":
+        raise MagmaError(f"{where}.layer: meshes are made from a segmentation; layer '{lname}' is of type '{info['type']}'")
+    if int(info["num_channels"]) != 1:
+        raise MagmaError(f"{where}.layer: layer '{lname}' has {info['num_channels']} channels; meshing needs 1")
+    if p["object_ids"] is not None and len(p["object_ids"]) == 0:
+        raise MagmaError(f"{where}.object_ids: an empty list would mesh nothing; leave it out to mesh every label")
+    mip = p["mip"]
+    meta = layers.meta(info)
+    mesh_dir = p["mesh_dir"] or info.get("mesh") or f"mesh_mip_{mip}_err_{_number(p['max_simplification_error'])}"
+    if mesh_dir.strip("/") == "" or ".." in mesh_dir.split("/"):
+        raise MagmaError(f"{where}.mesh_dir: {mesh_dir!r} is not a directory inside the layer")
+    kind = kind_of(p)
+    nlod = p["nlod"] if p["nlod"] is not None else (1 if p["sharded"] else 0)
+    level = p["draco_compression_level"]
+    if level is None:
+        level = 7 if p["sharded"] else 1  # Igneous: merge-sharded 7, unsharded multires merge 1
+
+    whole = meta.bounds(mip)
+    forge_grid = Grid.of(whole, p["shape"], overlap=1)
+    threads = int(ctx.step_exec["threads"])
+    n_buckets = int(min(MAX_BUCKETS, max(forge_grid.n, 2 * threads)))
+    res = [int(r) if float(r).is_integer() else float(r) for r in meta.resolution(mip)]
+    common = {
+        "layer": lname, "mip": mip, "mesh_dir": mesh_dir, "kind": kind, "resolution": res,
+        "shape": [int(s) for s in p["shape"]], "bounds": [whole.minpt.tolist(), whole.maxpt.tolist()],
+        "spatial_index": p["spatial_index"], "buckets": n_buckets,
+    }
+    forge_params = dict(common, task="forge", simplification=p["simplification"],
+                        max_simplification_error=p["max_simplification_error"],
+                        dust_threshold=p["dust_threshold"], dust_global=p["dust_global"],
+                        object_ids=p["object_ids"], exclude_object_ids=p["exclude_object_ids"],
+                        fill_holes=p["fill_holes"], fill_missing=p["fill_missing"],
+                        closed_dataset_edges=p["closed_dataset_edges"], compress=p["compress"], step=name)
+    lod = {"nlod": nlod, "vertex_quantization_bits": p["vertex_quantization_bits"],
+           "min_chunk_size": list(p["min_chunk_size"]), "draco_compression_level": level}
+    shard = {k: p[k] for k in ("shard_index_bytes", "minishard_index_bytes", "min_shards", "max_labels_per_shard",
+                               "minishard_index_encoding")}
+    index_params = dict(common, task="index", **(lod if kind != "legacy" else {}), **(shard if p["sharded"] else {}))
+    merge_params = dict(common, task="merge", **(lod if kind != "legacy" else {}))
+
+    width = dtype_width(info)
+    task_bytes = float(np.prod(np.asarray(p["shape"]) + 1)) * (2 * width + 12)  # labels, renumbered copy, mesher
+    ex = ctx.step_exec
+    step = StepPlan(name, "mesh", p, writes=[lname], sources=[lname])
+    step.stages.append(make_stage("forge", forge_grid, forge_params, ex, task_bytes))
+    step.stages.append(make_stage("index", Grid.indices(1), index_params, ex))
+    step.stages.append(make_stage("merge", Grid.indices(n_buckets), merge_params, ex))
+    if p["sharded"]:
+        step.stages.append(make_stage("shards", Grid.indices(n_buckets), dict(common, task="assemble"), ex))
+    step.stages.append(make_stage("clean", Grid.indices(1), dict(common, task="clean"), ex))
+    for st in step.stages:
+        step.notes.append(f"{st.name}: {st.grid.n} tasks -> {st.jobs} jobs")
+
+    out = dict(info, mesh=mesh_dir)
+    step.infos[lname] = out
+    ctx.infos[lname] = out
+    step.checks = [(lname, mip, whole, p["fill_missing"])]
+    return step
+
+
+# ---- names ------------------------------------------------------------------
+def core_boxes(params) -> Grid:
+    """The forge grid without overlap: task i's own box names its files."""
+    lo, hi = params["bounds"]
+    return Grid(lo, hi, params["shape"], 0)
+
+
+def spatial_name(params, core: Bbox) -> str:
+    """Where forge records which labels a task meshed: the spatial index file, or, when
+    the spatial index is off, the same record in the work directory."""
+    res = np.asarray(params["resolution"])  # ints when integral, as CloudVolume's reader names them
+    precision = max(getprecision(r) for r in params["resolution"])
+    name = Bbox(core.minpt * res, core.maxpt * res).to_filename(precision) + ".spatial"
+    return f"{params['mesh_dir']}/{name}" if params["spatial_index"] else f"{params['mesh_dir']}/{WORK}/forge/{name}"
+
+
+def shard_name(spec: ShardingSpecification, number: int) -> str:
+    return format(number, "x").zfill(int(np.ceil(spec.shard_bits / 4.0)))  # as cloud-volume names shards
+
+
+def mesh_info(params, spec=None) -> dict:
+    res = params["resolution"]
+    info = {"@type": "neuroglancer_legacy_mesh", "mip": params["mip"], "chunk_size": params["shape"]}
+    if params["spatial_index"]:
+        info["spatial_index"] = {"resolution": res, "chunk_size": [s * r for s, r in zip(params["shape"], res)]}
+    if params["kind"] != "legacy":
+        info["@type"] = "neuroglancer_multilod_draco"
+        info["vertex_quantization_bits"] = int(params["vertex_quantization_bits"])
+        info["transform"] = [res[0], 0, 0, 0, 0, res[1], 0, 0, 0, 0, res[2], 0]
+        info["lod_scale_multiplier"] = 1.0
+    if spec is not None:
+        info["sharding"] = spec.to_dict()
+    return info
+
+
+# ---- forge ------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _voxel_counts(path: str, key: str):
+    raw = CloudFiles(path).get(f"{key}/stats/voxel_counts.im")
+    return None if raw is None else IntMap(raw)
+
+
+def forge(params: dict, box: Bbox, paths: dict) -> dict:
+    path = paths[params["layer"]]
+    mip = params["mip"]
+    vol = open_volume(path, mip, fill_missing=params["fill_missing"])
+    whole = Bbox(*params["bounds"])
+    core = Bbox.clamp(Bbox(box.minpt, box.minpt + np.asarray(params["shape"])), whole)
+    counts = None
+    if params["dust_threshold"] and params["dust_global"]:
+        counts = _voxel_counts(path, vol.meta.key(mip))
+        if counts is None:
+            raise MagmaError(
+                f"steps.{params['step']}.dust_global: {path}/{vol.meta.key(mip)}/stats/voxel_counts.im does not"
+                " exist; run a voxel_counts step on this layer first, or set dust_global: false")
+
+    labels = vol.download(box, mip=mip)[..., 0]
+    pad = np.zeros(3, dtype=np.int64)
+    if params["closed_dataset_edges"]:
+        labels, pad = kernel.close_dataset_edges(labels, box.minpt, box.maxpt, whole.minpt, whole.maxpt)
+    labels = kernel.keep_labels(labels, params["dust_threshold"], counts, params["object_ids"],
+                                params["exclude_object_ids"])
+    meshes = kernel.mesh_labels(labels, params["resolution"], params["simplification"],
+                                params["max_simplification_error"], params["fill_holes"])
+    origin = ((box.minpt - pad) * np.asarray(params["resolution"])).astype(np.float32)
+    frags, bboxes = {}, {}
+    for label, m in meshes.items():
+        if len(m.faces) == 0:
+            continue
+        m.vertices += origin
+        frags[label] = m.to_precomputed()
+        bboxes[str(label)] = m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
+
+    cf = CloudFiles(path)
+    d = params["mesh_dir"]
+    if params["kind"] == "sharded":
+        cf.put(f"{d}/{core.to_filename()}.frags", MapBuffer(frags, compress="zstd").tobytes(), compress=None,
+               content_type="application/x.mapbuffer")
+    elif frags:
+        cf.puts(((f"{d}/{label}:0:{core.to_filename()}", data) for label, data in frags.items()),
+                compress=compress_arg(params["compress"]), content_type="model/mesh")
+    # the record of what this task meshed goes last: the index stage trusts it
+    cf.put_json(spatial_name(params, core), bboxes, compress=compress_arg(params["compress"]))
+    return {"voxels": int(np.prod(box.size3())), "labels": len(frags), "files": len(frags) + 1}
+
+
+# ---- index ------------------------------------------------------------------
+def work_list(params, bucket: int) -> str:
+    return f"{params['mesh_dir']}/{WORK}/labels/{bucket}.json"
+
+
+def index(params: dict, box: Bbox, paths: dict) -> dict:
+    """Collect label -> forge tasks from forge's records; write the mesh info and the work lists."""
+    cf = CloudFiles(paths[params["layer"]])
+    d = params["mesh_dir"]
+    stale = [f for f in cf.list(prefix=f"{d}/{WORK}/") if "/forge/" not in f]
+    cf.delete(stale)
+    grid = core_boxes(params)
+    names = {spatial_name(params, grid.task(i)): grid.task(i).to_filename() for i in range(grid.n)}
+    where = defaultdict(list)
+    for item in cf.get(list(names)):
+        if item["content"] is None:
+            raise MagmaError(f"mesh index: forge record {item['path']} is missing; re-run the forge stage")
+        for label in json.loads(item["content"]):
+            where[int(label)].append(names[item["path"]])
+    labels = np.fromiter(where, dtype=np.uint64, count=len(where))
+    spec = None
+    if params["kind"] == "sharded":
+        spec = spec_for(len(labels), params["shard_index_bytes"], params["minishard_index_bytes"],
+                        params["min_shards"], params["max_labels_per_shard"], params["minishard_index_encoding"])
+    lists = defaultdict(dict)
+    for label, b in zip(labels.tolist(), buckets(labels, params["buckets"]).tolist()):
+        lists[b][str(label)] = sorted(where[label])
+    cf.puts(((work_list(params, b), json.dumps(lists.get(b, {}))) for b in range(params["buckets"])),
+            compress=None, content_type="application/json")
+    cf.put_json(f"{d}/info", mesh_info(params, spec), compress=None)
+    return {"labels": len(labels), "files": params["buckets"] + 1}
+
+
+# ---- merge ------------------------------------------------------------------
+def _weld(parts: list, label: int) -> zmesh.Mesh:
+    mesh = zmesh.Mesh.concatenate(*parts, id=label)
+    return mesh.merge_close_vertices(radius=1e-3)  # seam vertices of neighbouring tasks coincide exactly
+
+
+def merge(params: dict, box: Bbox, paths: dict) -> dict:
+    bucket = int(box.minpt[0])
+    cf = CloudFiles(paths[params["layer"]])
+    d = params["mesh_dir"]
+    work = cf.get_json(work_list(params, bucket))
+    if work is None:
+        raise MagmaError(f"mesh merge: work list {work_list(params, bucket)} is missing; re-run the index stage")
+    work = {int(k): v for k, v in work.items()}
+    if params["kind"] == "legacy":
+        cf.puts(((f"{d}/{label}:0", json.dumps({"fragments": [f"{label}:0:{b}" for b in boxes]}))
+                 for label, boxes in work.items()), compress=None, content_type="application/json")
+        return {"labels": len(work), "files": len(work)}
+
+    parts = _fragments(cf, params, work)
+    encoded = {}
+    for label in sorted(work):
+        out = multilod.encode(label, _weld(parts[label], label), params["resolution"], params["nlod"],
+                              params["min_chunk_size"], params["vertex_quantization_bits"],
+                              params["draco_compression_level"])
+        if out is not None:
+            encoded[label] = out
+    if params["kind"] == "multilod":
+        files = []
+        for label, (manifest, data) in encoded.items():
+            files += [(f"{d}/{label}", data), (f"{d}/{label}.index", manifest)]
+        cf.puts(files, compress=None, content_type="application/octet-stream")
+        return {"labels": len(encoded), "files": len(files)}
+
+    spec = ShardingSpecification.from_dict(cf.get_json(f"{d}/info")["sharding"])
+    by_shard = defaultdict(dict)
+    for label, (manifest, data) in encoded.items():
+        by_shard[spec.compute_shard_location(label).shard_number][label] = pack(manifest, data)
+    cf.puts(((f"{d}/{WORK}/shards/{s}/{bucket}.mb", MapBuffer(group).tobytes()) for s, group in by_shard.items()),
+            compress=None, content_type="application/x.mapbuffer")
+    return {"labels": len(encoded), "files": len(by_shard)}
+
+
+def _fragments(cf, params, work: dict) -> dict:
+    """label -> list of zmesh meshes, read from forge's fragments (one read per file)."""
+    d = params["mesh_dir"]
+    parts = defaultdict(list)
+    if params["kind"] == "sharded":
+        wanted = defaultdict(list)
+        for label, boxes in work.items():
+            for b in boxes:
+                wanted[b].append(label)
+        for item in cf.get([f"{d}/{b}.frags" for b in sorted(wanted)]):
+            if item["content"] is None:
+                raise MagmaError(f"mesh merge: forge fragments {item['path']} are missing; re-run the forge stage")
+            mb = MapBuffer(item["content"])
+            b = item["path"][len(d) + 1: -len(".frags")]
+            for label in wanted[b]:
+                parts[label].append(zmesh.Mesh.from_precomputed(mb[mapkey(label)]))
+        return parts
+    names = {f"{d}/{label}:0:{b}": label for label, boxes in work.items() for b in boxes}
+    for item in cf.get(sorted(names)):
+        if item["content"] is None:
+            raise MagmaError(f"mesh merge: forge fragment {item['path']} is missing; re-run the forge stage")
+        parts[names[item["path"]]].append(zmesh.Mesh.from_precomputed(item["content"]))
+    return parts
+
+
+# ---- shards -----------------------------------------------------------------
+def assemble(params: dict, box: Bbox, paths: dict) -> dict:
+    """Shard files numbered task, task + N, task + 2N, ... from the merge buckets' partial maps."""
+    task = int(box.minpt[0])
+    cf = CloudFiles(paths[params["layer"]])
+    d = params["mesh_dir"]
+    spec = ShardingSpecification.from_dict(cf.get_json(f"{d}/info")["sharding"])
+    written = labels = 0
+    for number in range(task, 2**spec.shard_bits, params["buckets"]):
+        prefix = f"{d}/{WORK}/shards/{shard_name(spec, number)}/"
+        data, offsets = {}, {}
+        for item in cf.get(sorted(cf.list(prefix=prefix))):
+            mb = MapBuffer(item["content"])
+            for label in mb.keys():
+                data[int(label)], offsets[int(label)] = unpack(mb[mapkey(label)])
+        if not data:
+            continue
+        for fname, content in synthesize_shard_files(spec, data, offsets).items():
+            cf.put(f"{d}/{fname}", content, compress=None, content_type="application/octet-stream")
+            written += 1
+        labels += len(data)
+    return {"labels": labels, "files": written}
+
+
+# ---- clean ------------------------------------------------------------------
+def clean(params: dict, box: Bbox, paths: dict) -> dict:
+    """Remove the work lists and partial shard maps (forge's records stay, as its fragments do)."""
+    cf = CloudFiles(paths[params["layer"]])
+    stale = [f for f in cf.list(prefix=f"{params['mesh_dir']}/{WORK}/") if "/forge/" not in f]
+    cf.delete(stale)
+    return {"files": len(stale)}
+
+
+def run_task(params: dict, box: Bbox, paths: dict) -> dict:
+    return globals()[params["task"]](params, box, paths)
