@@ -219,7 +219,8 @@ def mesh_stats_png(path: str, out: str) -> dict:
     chosen = labels[:: max(1, len(labels) // MAX_OBJECTS)][:MAX_OBJECTS]
     faces, areas = [], []
     for label in chosen:
-        mesh = src.get(label) if reader is not None else src.get(label, fuse=True)
+        legacy = (src.meta.info or {}).get("@type") == "neuroglancer_legacy_mesh"
+        mesh = src.get(label, fuse=True) if legacy else src.get(label)  # multi-LOD: LOD 0
         if isinstance(mesh, dict):
             mesh = mesh.get(label)
         if mesh is None or len(mesh.faces) == 0:
