@@ -174,3 +174,40 @@ def test_serve_cors_compression_and_ranges(server):
     assert fetch(f"{server}/layer/../secret")[0] == 404
     assert fetch(f"{server}/layer/%2e%2e/secret")[0] == 404
     assert fetch(f"{server}/other/info")[0] == 404
+
+
+def test_statistics_pictures_read_what_was_stored(tmp_path):
+    """Mesh, skeleton, component-size and voxel-count pictures from objects stored
+    through CloudVolume (legacy meshes, precomputed skeletons, an IntMap)."""
+    from cloudfiles import CloudFiles
+    from cloudvolume import CloudVolume, Mesh, Skeleton
+    from mapbuffer import IntMap
+
+    path = f"file://{tmp_path}/seg"
+    info = CloudVolume.create_new_info(1, "segmentation", "uint64", "raw", [8, 8, 40], [0, 0, 0], [64, 48, 16],
+                                       chunk_size=[32, 32, 16])
+    info["mesh"], info["skeletons"] = "mesh", "skeletons"
+    vol = CloudVolume(path, info=info, progress=False)
+    vol.commit_info()
+    labels = np.zeros((64, 48, 16), dtype=np.uint64)
+    labels[:10], labels[20:50, :30], labels[55:] = 3, 2**60 + 1, 9
+    vol[:, :, :] = labels
+    tri = np.array([[0, 0, 0], [1000, 0, 0], [0, 1000, 0]], dtype=np.float32)  # 0.5 um^2
+    vol.mesh.put([Mesh(tri, np.array([[0, 1, 2]], dtype=np.uint32), None, segid=s) for s in (3, 9)])
+    vol.skeleton.upload(Skeleton([[0, 0, 0], [3000, 0, 0], [3000, 4000, 0]], [[0, 1], [1, 2]], segid=3))
+    counts = dict(zip(*np.unique(labels, return_counts=True)))
+    CloudFiles(path).put(f"{vol.meta.key(0)}/stats/voxel_counts.im",
+                         IntMap({int(k): int(v) for k, v in counts.items()}).tobytes())
+
+    out = tmp_path / "p.png"
+    assert report.mesh_stats_png(path, str(out)) == {"labels": 2, "read": 2, "triangles": 2, "area_um2": 1.0}
+    check_png(out, report.PLOT_SIZE)
+    stats = report.skeleton_stats_png(path, str(out))
+    assert stats["labels"] == 1 and stats["cable_um"] == pytest.approx(7.0) and stats["vertices"] == 3
+    check_png(out, report.PLOT_SIZE)
+    stats = report.ccl_sizes_png(path, 0, str(out))
+    assert stats == {"components": 3, "largest": 30 * 30 * 16, "whole": True}
+    check_png(out, report.PLOT_SIZE)
+    stats = report.voxel_counts_png(path, 0, str(out))
+    assert stats["labels"] == 4 and stats["top"][0] == (2**60 + 1, 30 * 30 * 16)
+    check_png(out, report.PLOT_SIZE)
