@@ -22,7 +22,6 @@ OP_SCHEMAS = SCHEMA_PATH.parent / "ops"  # one file per op: ops/<op>.yaml
 # ops of the SPEC that later releases add; named so the error says "not yet", not "unknown"
 PLANNED_OPS = {
     "skeleton", "ccl", "voxel_counts", "contrast", "quantize", "reorder", "roi", "remap",
-    "mesh_transfer", "skeleton_transfer", "mesh_delete", "skeleton_delete",
 }
 
 

@@ -35,11 +35,11 @@ def task_count(magnitude: int) -> int:
     return sum(10 ** k for k in range(1, magnitude + 1)) + 1
 
 
-def names(cf: CloudFiles, prefix: str, magnitude: int) -> list:
-    """The names (top level of `cf`) that fall to the task with this prefix."""
+def names(cf: CloudFiles, prefix: str, magnitude: int, recursive: bool = False) -> list:
+    """The names that fall to the task with this prefix (top level of `cf`, or every file below it)."""
     if prefix == "":
-        return [n for n in cf.list(flat=True) if not n[:1].isdigit()]
-    listed = cf.list(prefix=prefix, flat=True)
+        return [n for n in cf.list(flat=not recursive) if not n[:1].isdigit()]
+    listed = cf.list(prefix=prefix, flat=not recursive)
     if len(prefix) == magnitude:
         return list(listed)
     return [n for n in listed if len(n) == len(prefix) or not n[len(prefix)].isdigit()]
@@ -51,7 +51,7 @@ def label_names(cf: CloudFiles, prefix: str, magnitude: int) -> list:
     return sorted(int(n) for n in names(cf, prefix, magnitude) if LABEL.match(n))
 
 
-def shard_names(spec, task: int, tasks: int) -> list:
+def shard_names(shard_bits: int, task: int, tasks: int) -> list:
     """File names of the shards that fall to task `task` (numbers in hex, as the spec names them)."""
-    width = -(-int(spec.shard_bits) // 4)
-    return [f"{n:0{width}x}.shard" for n in range(task, 2 ** int(spec.shard_bits), tasks)]
+    width = -(-int(shard_bits) // 4)
+    return [f"{n:0{width}x}.shard" for n in range(task, 2 ** int(shard_bits), tasks)]

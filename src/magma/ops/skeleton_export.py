@@ -66,7 +66,7 @@ def labels_of_task(vol, params: dict, task: int) -> list:
     tasks = label_files.task_count(params["magnitude"])
     if src.meta.is_sharded():
         labels = []
-        for name in label_files.shard_names(src.reader.spec, task, tasks):
+        for name in label_files.shard_names(src.reader.spec.shard_bits, task, tasks):
             if cf.exists(name):  # a shard no label hashed to is never written
                 labels += [int(x) for x in src.reader.list_labels(name, path=src.meta.skeleton_path)]
         return sorted(labels)

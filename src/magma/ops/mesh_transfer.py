@@ -1,0 +1,27 @@
+"""mesh_transfer: copy a layer's meshes to another layer (Igneous `mesh xfer`), as stored,
+or with `sharded: true` repacked from unsharded files into shards. See magma.object_dirs.
+"""
+from __future__ import annotations
+
+from .. import object_dirs
+from ..object_dirs import cleanup_task, copy_task, shards_task, spec_task  # noqa: F401  (stage tasks)
+
+
+def reads(p):
+    return [p["src"]]
+
+
+def writes(p):
+    return [p["dest"]]
+
+
+def creates(p):
+    return []
+
+
+def plan(ctx, name: str, p: dict):
+    return object_dirs.plan_transfer("mesh", "mesh_transfer", ctx, name, p, p["shard_tasks"])
+
+
+def run_task(params: dict, box, paths: dict) -> dict:
+    return copy_task(params, box, paths)

@@ -1,0 +1,24 @@
+"""skeleton_delete: remove a layer's skeleton files (Igneous `skeleton rm`), or with `clean: true` only
+what a forge leaves behind once its merge has run (Igneous `skeleton clean`). The layer's
+info keeps its `skeletons` entry, as with Igneous. See magma.object_dirs.
+"""
+from __future__ import annotations
+
+from .. import object_dirs
+from ..object_dirs import delete_task as run_task  # noqa: F401  (the op's task)
+
+
+def reads(p):
+    return []
+
+
+def writes(p):
+    return [p["layer"]]
+
+
+def creates(p):
+    return []
+
+
+def plan(ctx, name: str, p: dict):
+    return object_dirs.plan_delete("skeleton", "skeleton_delete", ctx, name, p)
