@@ -60,7 +60,7 @@ CASES = {
         lambda L: cfg(L, s={"op": "downsampel", "layer": "img"}),
         ["steps.s.op", "unknown op 'downsampel'", "did you mean 'downsample'"]),
     "op of a later release": (
-        lambda L: cfg(L, s={"op": "mesh_delete", "layer": "seg"}),
+        lambda L: cfg(L, s={"op": "skeleton", "layer": "seg"}),
         ["steps.s.op", "not available"]),
     "factor not 2x2x1 or 2x2x2": (
         lambda L: cfg(L, s={"op": "downsample", "layer": "img", "factor": [3, 3, 1]}),
