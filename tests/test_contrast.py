@@ -60,7 +60,7 @@ def run(tmp_path_factory):
         "clahe": dict(op="contrast", mode="clahe", src="img", dest="cl", shape=[64, 64, 16],
                       tile_grid_size=[4, 3], clip_limit=3.0),
     }
-    cfgfile = write_config(root / "c.yaml", {"layers": layers, "steps": steps, "execution": {"tasks_per_job": 4}})
+    cfgfile = write_config(root / "c.yaml", {"layers": layers, "steps": steps, "execution": {"tasks_per_job": 12}})
     work = root / "work"
     work.mkdir()
     snakemake(work, cfgfile)

@@ -60,18 +60,27 @@ def clamping_values(levels: np.ndarray, lower_fraction: float, upper_fraction: f
     return np.where(empty, 0, last_within(lower_fraction)), np.where(empty, 0, last_within(upper_fraction))
 
 
+def equalize_lut(lower: int, upper: int, dtype, minval=None, maxval=None) -> np.ndarray:
+    """The output value of every input value for one slice: lower..upper stretched to the
+    dtype's full range in float32, rounded, clipped to minval..maxval."""
+    top = float(np.iinfo(dtype).max)
+    values = np.arange(int(top) + 1, dtype=np.float32)
+    lo, hi = float(lower), float(upper)
+    if lo != hi:
+        values = (values - lo) * (top / (hi - lo))
+    np.round(values, out=values)
+    np.clip(values, 0.0 if minval is None else minval, top if maxval is None else maxval, out=values)
+    return values.astype(dtype)
+
+
 def equalize_image(image: np.ndarray, lower, upper, minval=None, maxval=None) -> np.ndarray:
-    """Stretch slice z from lower[z]..upper[z] to the dtype's full range, round, clip."""
-    top = float(np.iinfo(image.dtype).max)
-    out = image.astype(np.float32)
-    for z in range(out.shape[2]):
-        lo, hi = float(lower[z]), float(upper[z])
-        if lo == hi:
-            continue
-        out[:, :, z] = (out[:, :, z] - lo) * (top / (hi - lo))
-    np.round(out, out=out)
-    np.clip(out, 0.0 if minval is None else minval, top if maxval is None else maxval, out=out)
-    return out.astype(image.dtype)
+    """Each slice through its lookup table (the same float32 arithmetic per voxel value,
+    without a float copy of the block)."""
+    out = np.empty_like(image, order="F")
+    for z in range(image.shape[2]):
+        lut = equalize_lut(lower[z], upper[z], image.dtype, minval, maxval)
+        np.take(lut, image[:, :, z], out=out[:, :, z])
+    return out
 
 
 def clahe_slices(image: np.ndarray, clip_limit: float, tiles) -> np.ndarray:
