@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -285,3 +286,52 @@ def test_sigkill_at_seeded_points_then_resume(tmp_path):
     for where, n in results:
         print(f"  killed at {where}: {n} job markers kept")
     assert len(results) == KILL_POINTS and len({w for w, _ in results}) == KILL_POINTS
+
+
+# ---- two runs at once ---------------------------------------------------------------------------
+def test_second_run_on_the_same_outputs_is_refused(tmp_path):
+    """Snakemake's lock: while a run works on a directory, another run there is refused with a
+    message that says how to unlock; after a crash the stale lock is lifted with --unlock."""
+    work = tmp_path / "work"
+    work.mkdir()
+    make_layer(tmp_path / "img", image_data((128, 128, 32), 7), "image", chunk=(32, 32, 16))
+    cfg = {"layers": {"img": f"file://{tmp_path}/img"},
+           "steps": {"pyr": {"op": "downsample", "layer": "img", "num_mips": 2, "memory_target": 3e4}},
+           "execution": {"tasks_per_job": 2, "threads": 1}}
+    cfgfile = write_config(tmp_path / "lock.yaml", cfg)
+    locks = work / ".snakemake" / "locks"
+
+    def second_run_refused():
+        # (--rerun-incomplete: without it Snakemake stops even earlier, at the running job's
+        # incomplete marker, and advises this flag)
+        proc = snakemake(work, cfgfile, "--rerun-incomplete", check=False)
+        assert proc.returncode != 0
+        assert "Directory cannot be locked" in proc.stderr and "--unlock" in proc.stderr, proc.stderr[-3000:]
+        assert not re.search(r"^(local)?rule \w+:", proc.stdout + proc.stderr, re.M), "the refused run started a job"
+
+    first = start(work, cfgfile)
+    deadline = time.time() + 120
+    while not (locks.exists() and any(locks.iterdir())) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, "the first run ended before the second started"
+    second_run_refused()
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    first.stderr.close()
+
+    # a crash leaves the lock behind: refused until `snakemake --unlock`
+    crashed = start(work, cfgfile, "--forcerun", "setup")
+    while not (locks.exists() and any(locks.iterdir())) and crashed.poll() is None:
+        time.sleep(0.02)
+    os.killpg(crashed.pid, signal.SIGKILL)
+    crashed.wait()
+    crashed.stderr.close()
+    before = markers_of(work)
+    second_run_refused()
+    assert markers_of(work) == before
+    snakemake(work, cfgfile, "--unlock")
+    snakemake(work, cfgfile, "--rerun-incomplete")
+
+
+def markers_of(work: Path) -> dict:
+    d = work / "results"
+    return {str(p): p.stat().st_mtime_ns for p in d.rglob("*.json")} if d.exists() else {}
