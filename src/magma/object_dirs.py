@@ -109,6 +109,9 @@ def plan_transfer(kind: str, op: str, ctx, name: str, p: dict, shard_tasks: int)
         sharding = {k: p[k] for k in ("shard_index_bytes", "minishard_index_bytes", "min_shards",
                                        "minishard_index_encoding", "data_encoding")}
         params = dict(params, tasks=shard_tasks, sharding=sharding)
+        if kind == "mesh":  # used only when legacy meshes are encoded as multi-LOD
+            params.update({k: p[k] for k in ("nlod", "min_chunk_size", "vertex_quantization_bits",
+                                             "draco_compression_level")})
         for stage_name, task, n in (("spec", "spec_task", 1), ("shards", "shards_task", shard_tasks),
                                     ("finish-xfer", "cleanup_task", 1)):
             step.stages.append(make_stage(stage_name, Grid.indices(n), dict(params, task=task), ctx.step_exec))
@@ -141,12 +144,14 @@ def _src_info(src: CloudFiles, kind: str) -> dict:
     return info
 
 
+LEGACY_MANIFEST = re.compile(r"^(\d+):0$")
+
+
 def _unsharded_labels(src: CloudFiles, info: dict, kind: str) -> list:
     """Every label of an unsharded directory (one listing, like Igneous's task creation)."""
     if kind == "mesh":
         if info.get("@type") != MULTIRES:
-            raise MagmaError(f"{src.cloudpath}: legacy meshes (<label>:0 manifests) cannot be repacked into shards;"
-                             " sharded meshes are multi-LOD Draco. Re-run the mesh step with sharded: true instead.")
+            return sorted(int(m.group(1)) for m in map(LEGACY_MANIFEST.match, src.list(flat=True)) if m)
         return sorted(int(n[:-len(".index")]) for n in src.list(flat=True)
                       if n.endswith(".index") and n[:-len(".index")].isdigit())
     return sorted(int(n) for n in src.list(flat=True) if label_files.LABEL.match(n))
@@ -172,12 +177,21 @@ def spec_task(params: dict, box, paths: dict) -> dict:
         # multi-LOD mesh shards are read by byte range inside each record: no data encoding
         data_encoding="raw" if params["kind"] == "mesh" else s["data_encoding"])
     out = dict(info, sharding=spec.to_dict())
+    res = None
+    if params["kind"] == "mesh" and info.get("@type") != MULTIRES:
+        # legacy vertices are nm; the multi-LOD model space is voxels of the mip the meshes were made at
+        layer = CloudFiles(paths[params["src"]]).get_json("info")
+        res = layer["scales"][int(info.get("mip", 0))]["resolution"]
+        out = {"@type": MULTIRES, "mip": info.get("mip", 0), "vertex_quantization_bits": params["vertex_quantization_bits"],
+               "transform": [res[0], 0, 0, 0, 0, res[1], 0, 0, 0, 0, res[2], 0], "lod_scale_multiplier": 1.0,
+               "sharding": spec.to_dict(), "spatial_index": info.get("spatial_index")}
     by_task = {}
     for label in labels:
         number = int(spec.compute_shard_location(label).shard_number, 16)
         by_task.setdefault(number % params["tasks"], []).append(label)
     work.puts(((f"{t}.json", json.dumps(ls).encode()) for t, ls in by_task.items()), compress="gzip")
-    work.put_json("plan.json", {"mode": "repack", "tasks_with_work": sorted(by_task)})
+    mode = "encode" if params["kind"] == "mesh" and info.get("@type") != MULTIRES else "repack"
+    work.put_json("plan.json", {"mode": mode, "tasks_with_work": sorted(by_task), "resolution": res})
     dest.put_json("info", out)  # after the work lists: a dest info with sharding means the lists are complete
     return {"labels": len(labels)}
 
@@ -196,7 +210,10 @@ def shards_task(params: dict, box, paths: dict) -> dict:
         return {"shards": 0}
     labels = work.get_json(f"{task}.json")
     spec = ShardingSpecification.from_dict(dest.get_json("info")["sharding"])
-    if params["kind"] == "mesh":
+    if plan["mode"] == "encode":
+        data, offsets = _legacy_to_multilod(src, labels, dict(params, resolution=plan["resolution"]))
+        shards = synthesize_shard_files(spec, data, offsets)
+    elif params["kind"] == "mesh":
         names = [f"{label}" for label in labels] + [f"{label}.index" for label in labels]
         files = _get_all(src, names)
         data = {label: files[f"{label}"] + files[f"{label}.index"] for label in labels}
@@ -209,6 +226,30 @@ def shards_task(params: dict, box, paths: dict) -> dict:
         shards = synthesize_shard_files(spec, {label: files[str(label)] for label in labels})
     dest.puts(shards.items(), compress=None, content_type="application/octet-stream", cache_control="no-cache")
     return {"shards": len(shards), "labels": len(labels)}
+
+
+def _legacy_to_multilod(src: CloudFiles, labels: list, params: dict) -> tuple:
+    """Legacy meshes -> ({label: fragments + manifest}, {label: manifest length}) for the shards."""
+    import zmesh
+
+    from .meshes import multilod
+
+    manifests = _get_all(src, [f"{label}:0" for label in labels])
+    wanted = {label: json.loads(manifests[f"{label}:0"])["fragments"] for label in labels}
+    frags = _get_all(src, sorted({f for names in wanted.values() for f in names}))
+    data, offsets = {}, {}
+    for label, names in wanted.items():
+        parts = [zmesh.Mesh.from_precomputed(frags[n]) for n in names]
+        if not parts:
+            continue
+        # neighbouring forge tasks share their seam vertices exactly: weld them, as the mesh merge does
+        mesh = zmesh.Mesh.concatenate(*parts, id=label).merge_close_vertices(radius=1e-3)
+        out = multilod.encode(label, mesh, params["resolution"], params["nlod"], params["min_chunk_size"],
+                              params["vertex_quantization_bits"], params["draco_compression_level"])
+        if out is not None:
+            manifest, blob = out
+            data[label], offsets[label] = blob + manifest, len(manifest)
+    return data, offsets
 
 
 def _get_all(cf: CloudFiles, names: list) -> dict:

@@ -1,5 +1,6 @@
 """mesh_transfer: copy a layer's meshes to another layer (Igneous `mesh xfer`), as stored,
-or with `sharded: true` repacked from unsharded files into shards. See magma.object_dirs.
+or with `sharded: true` repacked from unsharded files into shards (legacy meshes are
+encoded as multi-LOD Draco on the way). See magma.object_dirs.
 """
 from __future__ import annotations
 
