@@ -99,6 +99,7 @@ def pipeline(root: Path) -> dict:
         "copy": {"op": "transfer", "src": "seg", "dest": "copy", "chunk_size": [32, 32, 16],
                  "encoding": "compresso", "shape": [64, 64, 16]},
         "shards": {"op": "transfer", "src": "img", "dest": "shards", "sharded": True, "memory_target": 6e4},
+        "meshes": {"op": "mesh", "layer": "seg", "shape": [64, 64, 32]},
     }
     # few, fuller jobs: each script job costs a Python start-up, and the test pays for ~10 runs
     return {"layers": layers, "steps": steps, "execution": {"tasks_per_job": 8, "threads": 1, "retries": 0}}
