@@ -1,11 +1,13 @@
 """Bad input gets a clear message naming the problem, before anything is written."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import image_data, make_layer, seg_data, snakemake, write_config
+from conftest import REPO, SNAKEFILE, image_data, make_layer, seg_data, snakemake, write_config
 from magma import workflow
 from magma.errors import MagmaError
 
@@ -244,3 +246,36 @@ def test_damaged_chunk_is_named(tmp_path, workdir):
     # the block that holds the damaged chunk was not written; the others were
     written = {p.name for p in (tmp_path / "img" / "16_16_40").iterdir()}
     assert "0-32_32-64_16-32.gz" not in written and "0-32_0-32_0-16.gz" in written, sorted(written)
+
+
+def test_slurm_without_a_partition_is_refused_before_any_job(tmp_path, workdir):
+    """The SLURM profile leaves slurm_partition empty (the cluster's default). On a cluster without
+    a default partition sbatch refuses every job, after the setup jobs wrote their infos; magma
+    asks sinfo when Snakemake starts and stops before any job. (sinfo here is a stand-in that prints
+    what a cluster without a default partition prints; tests/test_slurm.py runs the real one.)"""
+    from magma.executors import check_slurm_partitions
+
+    url = make_layer(tmp_path / "img", image_data((64, 64, 16)), "image", chunk=(32, 32, 16))
+    info_before = (tmp_path / "img" / "info").read_text()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sinfo").write_text("#!/bin/sh\nprintf 'debug\\ncompute\\n'\n")
+    (bindir / "sinfo").chmod(0o755)
+    cfgfile = write_config(tmp_path / "slurm.yaml", dict(cfg({"img": url}, ds={"op": "downsample", "layer": "img"}),
+                                                         execution={"report": False}))
+    env = dict(os.environ, PATH=f"{bindir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir),
+                           "--configfile", str(cfgfile), "--profile", str(REPO / "profiles" / "slurm")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert ("magma: SLURM: jobs of rule(s) downsample have no slurm_partition and the cluster has no default"
+            " partition (sinfo lists: debug, compute)") in proc.stderr, proc.stderr[-3000:]
+    assert "--default-resources slurm_partition=<name>" in proc.stderr
+    assert not (workdir / "results").exists(), "no job ran"
+    assert (tmp_path / "img" / "info").read_text() == info_before
+
+    # the same jobs pass with a partition named, or on a cluster that has a default one
+    check_slurm_partitions([("downsample", False, "compute"), ("setup", True, "")], sinfo=lambda: "debug\n")
+    check_slurm_partitions([("downsample", False, "''")], sinfo=lambda: "debug*\ncompute\n")
+    with pytest.raises(MagmaError, match="cannot ask the cluster"):
+        check_slurm_partitions([("downsample", False, "")], sinfo=lambda: (_ for _ in ()).throw(OSError("no sinfo")))
