@@ -160,3 +160,15 @@ def test_bad_config_named(tmp_path, step, words):
     for w in words:
         assert w in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_bounds_restrict_both_stages(tmp_path):
+    layers = {"img": make_layer(tmp_path / "img", np.zeros((256, 192, 48), np.uint8), "image", chunk=(64, 64, 16)),
+              "out": f"file://{tmp_path / 'out'}"}
+    step = dict(op="contrast", src="img", dest="out", shape=[128, 128, 16], bounds=[[0, 0, 16], [128, 128, 48]])
+    hist, eq = workflow.plan({"layers": layers, "steps": {"s": step}}).steps["s"].stages
+    assert hist.grid.n == 2 and list(hist.grid.shape) == [128, 128, 16]  # slabs 16-32, 32-48 of the box
+    assert [hist.grid.task(i).minpt.tolist() for i in range(2)] == [[0, 0, 16], [0, 0, 32]]
+    assert eq.grid.n == 2 and eq.grid.bounds.minpt.tolist() == [0, 0, 16]
+    with pytest.raises(MagmaError, match="steps.s.bounds"):
+        workflow.plan({"layers": layers, "steps": {"s": dict(step, bounds=[[0, 0, 8], [128, 128, 48]])}})

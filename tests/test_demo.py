@@ -41,3 +41,5 @@ def test_demo_runs_end_to_end(workdir):
     assert np.array_equal(read(f"file://{data / 'image_sharded'}"), img)
     assert np.array_equal(read(f"file://{data / 'seg'}", 2), pyramid(seg, "mode", (2, 2, 1), 2)[1])
     assert (workdir / "results" / "config" / "markers" / "image_shards" / "done.json").exists()
+    eq = read(f"file://{data / 'image_contrast'}")
+    assert eq.shape == img.shape and int(eq.max()) - int(eq.min()) > int(img.max()) - int(img.min())

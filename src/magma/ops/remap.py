@@ -81,7 +81,10 @@ def parse_mapping(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=2)
 def _table(path: str, digest: str) -> dict:
-    old, new = parse_mapping(read_bytes(path), path)
+    data = read_bytes(path)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise MagmaError(f"remap: {path} changed after the run was planned; run snakemake again to re-plan")
+    old, new = parse_mapping(data, path)
     return dict(zip(old.tolist(), new.tolist()))
 
 
