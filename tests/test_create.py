@@ -14,7 +14,7 @@ import tifffile
 import tinybrain
 from cloudvolume import CloudVolume
 
-from conftest import read, seg_data, snakemake, write_config
+from conftest import make_layer, read, seg_data, snakemake, write_config
 from magma import workflow
 from magma.errors import MagmaError
 
@@ -198,3 +198,22 @@ def test_slices_of_different_shapes_stop_before_any_write(tmp_path, workdir):
     assert proc.returncode != 0
     assert "z0003.tif is a 31x20 uint8 slice" in proc.stderr and "every slice must match" in proc.stderr
     assert not (tmp_path / "out").exists(), "nothing may be written before the slices are checked"
+
+
+def test_existing_dest_must_match(tmp_path):
+    np.save(tmp_path / "v.npy", np.zeros((16, 16, 8), dtype=np.uint8))
+    url = make_layer(tmp_path / "out", np.zeros((16, 16, 9), dtype=np.uint8), "image", resolution=(1, 1, 1))
+    cfg = {"layers": {"out": url}, "steps": {"make": dict(op="create", src=str(tmp_path / "v.npy"), dest="out")}}
+    with pytest.raises(MagmaError, match=r"steps.make.dest: layer 'out' already exists with a different scales\[0\].size"):
+        workflow.plan(cfg)
+
+
+def test_masks_and_multipage_slices(tmp_path):
+    np.save(tmp_path / "mask.npy", np.zeros((4, 4, 4), dtype=bool))
+    cfg = {"layers": {"out": f"file://{tmp_path}/out"},
+           "steps": {"make": dict(op="create", src=str(tmp_path / "mask.npy"), dest="out", layer_type="segmentation")}}
+    assert workflow.plan(cfg).steps["make"].infos["out"]["data_type"] == "uint8"  # a mask is stored as 0/1 bytes
+    d = tiff_stack(tmp_path / "s", n=3)
+    tifffile.imwrite(d / "z0000.tif", np.zeros((2, 20, 30), dtype=np.uint8))  # two pages where one belongs
+    msg = plan_error(tmp_path, src=str(d))
+    assert "z0000.tif" in msg and "one 2-D page" in msg

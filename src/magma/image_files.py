@@ -30,7 +30,7 @@ EXTENSIONS = {
 NM_PER_UNIT = {"meter": 1e9, "m": 1e9, "mm": 1e6, "millimeter": 1e6, "millimeters": 1e6, "micron": 1e3,
                "microns": 1e3, "um": 1e3, "micrometer": 1e3, "micrometers": 1e3, "nm": 1.0, "nanometer": 1.0,
                "nanometers": 1.0}
-NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last run of digits in a name
+NUMBER = re.compile(r"(\d+)\D*$")  # the last run of digits in a name
 
 
 def format_of(path: str) -> str | None:
@@ -44,7 +44,8 @@ def format_of(path: str) -> str | None:
 def find_files(src: str, where: str) -> list[str]:
     """The files `src` names: one file, every TIFF in a directory, or a glob's matches."""
     if os.path.isdir(src):
-        found = [os.path.join(src, f) for f in os.listdir(src) if f.lower().endswith(EXTENSIONS["tiff"])]
+        base = src.rstrip("/") + "/"
+        found = [base + f for f in os.listdir(src) if f.lower().endswith(EXTENSIONS["tiff"])]
         if not found:
             raise MagmaError(f"{where}.src: directory {src} holds no .tif/.tiff files")
         return found
@@ -61,12 +62,13 @@ def find_files(src: str, where: str) -> list[str]:
 def number_slices(files: list[str], where: str) -> list[str]:
     """Files of a stack in slice order; every number from the first to the last must be there once."""
     numbered = []
+    search = NUMBER.search
     for f in files:
-        m = NUMBER.search(os.path.basename(f).split(".")[0])
+        m = search(f[f.rfind("/") + 1:].split(".", 1)[0])
         if m is None:
             raise MagmaError(f"{where}.src: {f} has no slice number in its name; stack files need one (e.g. z0042.tif)")
         numbered.append((int(m.group(1)), f))
-    numbered.sort()
+    numbered.sort(key=lambda t: t[0])
     for (a, fa), (b, fb) in zip(numbered, numbered[1:]):
         if a == b:
             raise MagmaError(f"{where}.src: {fa} and {fb} both claim slice number {a}")
@@ -206,7 +208,9 @@ def describe(p: dict, where: str) -> dict:
     files = find_files(p["src"], where)
     fmt = p["format"]
     if fmt == "auto":
-        kinds = {format_of(f) for f in files}
+        # one lookup per distinct extension, not per slice (".nii.gz" needs its last 7 characters)
+        tails = {f[-7:].lower() if f.lower().endswith(".gz") else f[f.rfind("."):].lower() for f in files}
+        kinds = {format_of(t) for t in tails}
         if len(kinds) != 1 or None in kinds:
             raise MagmaError(
                 f"{where}.format: cannot tell the format of {p['src']} from its file name(s)"
