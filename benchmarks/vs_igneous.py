@@ -275,7 +275,7 @@ def same_voxel_counts(a: str, b: str) -> str:
         if raw is None:
             return f"no {key}/stats/voxel_counts.im in {path}"
         im = IntMap(raw)
-        maps.append({int(k): int(im[k]) for k in im.keys()})
+        maps.append({int(k): int(v) for k, v in im.items()})  # im[k] fails on ids >= 2**63
     if maps[0] == maps[1]:
         return f"identical counts ({len(maps[0])} labels)"
     diff = sum(1 for k in set(maps[0]) | set(maps[1]) if maps[0].get(k) != maps[1].get(k))
@@ -295,7 +295,8 @@ def object_stats(path: str, kind: str) -> dict:
     labels = report._stored_labels(path, folder, src.reader if sharded else None)
     total = 0.0
     for label in labels:
-        obj = src.get(label) if (kind == "skeleton" or sharded) else src.get(label, fuse=True)
+        legacy = (src.meta.info or {}).get("@type") == "neuroglancer_legacy_mesh"
+        obj = src.get(label, fuse=True) if (kind == "mesh" and legacy) else src.get(label)  # multi-LOD: LOD 0
         if isinstance(obj, dict):
             obj = obj.get(label)
         if obj is None:
