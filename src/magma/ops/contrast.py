@@ -88,11 +88,13 @@ def clahe_slices(image: np.ndarray, clip_limit: float, tiles) -> np.ndarray:
     import cv2
 
     cv2.setNumThreads(0)  # tasks already run in parallel processes
-    # a slice is (x, y) = (rows, cols) to OpenCV, whose grid size is (cols, rows)
-    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tiles[1]), int(tiles[0])))
-    out = np.empty_like(image)
+    # a slice of a Fortran-ordered block, transposed, is a C-ordered (y, x) image: OpenCV
+    # reads it without a copy, with x as columns, so its grid size (cols, rows) is (x, y)
+    op = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(int(tiles[0]), int(tiles[1])))
+    image = np.asfortranarray(image)
+    out = np.empty_like(image, order="F")
     for z in range(image.shape[2]):
-        out[:, :, z] = op.apply(np.ascontiguousarray(image[:, :, z]))
+        out[:, :, z] = op.apply(image[:, :, z].T).T
     return out
 
 
@@ -265,7 +267,7 @@ def clahe(params: dict, box: Bbox, paths: dict) -> dict:
     at = box.minpt - read.minpt
     out = out[at[0]: at[0] + box.size3()[0], at[1]: at[1] + box.size3()[1]]
     dest = open_volume(paths[params["dest"]], mip, compress=params["compress"])
-    written = _derived.write_block(dest, np.ascontiguousarray(out), box, mip, params["num_mips"], "avg")
+    written = _derived.write_block(dest, out, box, mip, params["num_mips"], "avg")
     return {"voxels_read": int(read.volume()), "voxels_written": written}
 
 
