@@ -154,11 +154,10 @@ def test_delete_removes_everything(run):
     assert CloudVolume(layers["doomed"], progress=False).info["skeletons"] == "skeletons"  # as Igneous: info kept
 
 
-def test_legacy_meshes_are_not_repacked(tmp_path):
-    url = make_layer(tmp_path / "seg", seg_data((8, 8, 8)), "segmentation")
-    CloudFiles(f"{url}/mesh").put_json("info", {"@type": "neuroglancer_legacy_mesh"})
-    with pytest.raises(MagmaError, match="legacy meshes"):
-        object_dirs._unsharded_labels(CloudFiles(f"{url}/mesh"), {"@type": "neuroglancer_legacy_mesh"}, "mesh")
+def test_legacy_labels_are_their_manifests(tmp_path):
+    cf = CloudFiles(f"file://{tmp_path}/mesh")
+    cf.puts([("5:0", b"{}"), ("5:0:0-8_0-8_0-8", b"x"), ("123:0", b"{}"), ("info", b"{}"), ("0-8_0-8_0-8.spatial", b"{}")])
+    assert object_dirs._unsharded_labels(cf, {"@type": "neuroglancer_legacy_mesh"}, "mesh") == [5, 123]
 
 
 def test_layer_without_meshes(tmp_path):
@@ -168,6 +167,11 @@ def test_layer_without_meshes(tmp_path):
     cfg = {"layers": {"a": url, "b": url}, "steps": {"x": dict(op="mesh_delete", layer="a")}}
     with pytest.raises(MagmaError, match="steps.x: layer 'a' has no meshes"):
         workflow.plan(cfg)
+    vol = CloudVolume(url, progress=False)
+    vol.info["skeletons"] = "skeletons"
+    vol.commit_info()
     cfg["steps"] = {"x": dict(op="skeleton_transfer", src="a", dest="b")}
     with pytest.raises(MagmaError, match="steps.x: src and dest are the same layer"):
         workflow.plan(cfg)
+    cfg["steps"]["x"]["dir"] = "skeletons_copy"  # another directory of the same layer is fine
+    assert workflow.plan(cfg).steps["x"].infos["b"]["skeletons"] == "skeletons_copy"

@@ -91,10 +91,11 @@ def delete_task(params: dict, box, paths: dict) -> dict:
 # ---- transfer ----------------------------------------------------------------------
 def plan_transfer(kind: str, op: str, ctx, name: str, p: dict, shard_tasks: int) -> StepPlan:
     where = f"steps.{name}"
-    if ctx.paths[p["src"]].rstrip("/") == ctx.paths[p["dest"]].rstrip("/") and not p["dir"]:
-        raise MagmaError(f"{where}: src and dest are the same layer and no other `dir` is given; nothing to copy")
     src_dir = directory(kind, where, p["src"], ctx.infos[p["src"]], None)
-    dest_dir = (p["dir"] or src_dir).strip("/")
+    # like Igneous: an explicit dir, else the directory dest already names, else src's name
+    dest_dir = (p["dir"] or ctx.infos[p["dest"]].get(INFO_KEY[kind]) or src_dir).strip("/")
+    if ctx.paths[p["src"]].rstrip("/") == ctx.paths[p["dest"]].rstrip("/") and dest_dir == src_dir:
+        raise MagmaError(f"{where}: src and dest are the same layer and no other `dir` is given; nothing to copy")
     info = dict(ctx.infos[p["dest"]])
     info[INFO_KEY[kind]] = dest_dir
     params = {"kind": kind, "src": p["src"], "dest": p["dest"], "src_dir": src_dir, "dest_dir": dest_dir,
