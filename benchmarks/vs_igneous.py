@@ -406,18 +406,18 @@ def floors(name: str, src: str, made: str, scratch: Path) -> dict:
     vin = CloudVolume(src, progress=False)
     arr = vin[vin.bounds]
     resolution = tuple(vin.resolution)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     writes = {}
     for z0, z1 in _slabs(arr.shape, arr.dtype.itemsize):
         for mip, out in kernel(name, arr[:, :, z0:z1], k, resolution):
             writes.setdefault(mip, []).append(out)
-    kernel_s = time.perf_counter() - t0
+    kernel_s, kernel_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     shutil.rmtree(scratch, ignore_errors=True)
     dest = f"file://{scratch}"
     CloudVolume(dest, info=info).commit_info()
     del arr
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     vin = CloudVolume(src, progress=False)
     _ = vin[vin.bounds]
     for mip, parts in writes.items():
@@ -425,9 +425,9 @@ def floors(name: str, src: str, made: str, scratch: Path) -> dict:
         size = out.bounds.size3()
         data = np.concatenate(parts, axis=2)[: size[0], : size[1], : size[2]]
         out[out.bounds] = data.astype(out.dtype, copy=False)
-    io_s = time.perf_counter() - t0
+    io_s, io_cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(scratch, ignore_errors=True)
-    return {"kernel": kernel_s, "io": io_s}
+    return {"kernel": kernel_s, "kernel_cpu": kernel_cpu, "io": io_s, "io_cpu": io_cpu}
 
 
 # ---- igneous ----------------------------------------------------------------------
@@ -438,6 +438,9 @@ def igneous_exe(venv: Path) -> str:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"igneous-pipeline=={IGNEOUS_VERSION}"],
                        check=True)
+    # compresso is optional in Igneous but its `image ccl` default encoding
+    if subprocess.run([str(venv / "bin" / "python"), "-c", "import compresso"], capture_output=True).returncode:
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "compresso"], check=True)
     return str(exe)
 
 
@@ -459,7 +462,8 @@ def table(rows: list) -> str:
             lines.append(f"| {r['op']} | | | | | | | | | skipped: {r['what']} |")
             continue
         if r.get("floor"):
-            lines.append(f"| {r['op']} | {r['cores']} | | {fmt_s(r['wall'])} | | | | | | {r['what']} |")
+            lines.append(f"| {r['op']} | {r['cores']} | | {fmt_s(r['wall'])} | | {fmt_s(r.get('cpu'))} | | | | "
+                         f"{r['what']} |")
             continue
         i, m = r["igneous"], r["magma"]
         ratio = m["wall"] / i["wall"] if i["rc"] == 0 and m["rc"] == 0 else None
@@ -528,18 +532,23 @@ def main(argv=None) -> int:
             if row["igneous"]["rc"] == 0 and row["magma"]["rc"] == 0:
                 for layer, how in op["compare"]:
                     checks.append(check(f"file://{ign}/{layer}", f"file://{mag}/{layer}", how))
-            row["check"] = "; ".join(checks) or "not compared (a run failed)"
+            row["check"] = "; ".join(checks) or f"not compared (a run failed; logs in {work / 'logs'})"
             rows.append(row)
             if row["magma"]["rc"] == 0 and cores == cores_list[-1]:
                 layer, _ = op["compare"][0]
                 src = run_paths(mag)[op["inputs"][0]]
                 fl = floors(name, src, f"file://{mag}/{layer}", work / "floor")
-                rows.append({"floor": True, "op": name, "cores": 1, "wall": fl["kernel"],
+                rows.append({"floor": True, "op": name, "cores": 1, "wall": fl["kernel"], "cpu": fl["kernel_cpu"],
                              "what": "floor: library kernel on the whole array, one process"})
-                rows.append({"floor": True, "op": name, "cores": 1, "wall": fl["io"],
+                rows.append({"floor": True, "op": name, "cores": 1, "wall": fl["io"], "cpu": fl["io_cpu"],
                              "what": "floor: CloudVolume read + write of the same bytes, one process"})
-        for tool in ("igneous", "magma"):
-            shutil.rmtree(work / "runs" / f"{slug}-{tool}", ignore_errors=True)
+        for tool in ("igneous", "magma"):  # keep the command logs, drop the data
+            folder = work / "runs" / f"{slug}-{tool}"
+            logs = work / "logs" / f"{slug}-{tool}"
+            logs.mkdir(parents=True, exist_ok=True)
+            for f in folder.glob("*.log"):
+                shutil.copy(f, logs / f.name)
+            shutil.rmtree(folder, ignore_errors=True)
 
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"vs_igneous-scale{args.scale:g}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def demo_config(workdir: Path, **execution) -> Path:
     return write_config(workdir / "small.yaml", {
         "layers": {"image": "file://data/image", "seg": "file://data/seg", "copy": "file://data/copy",
-                   "image_eq": "file://data/image_eq"},
+                   "image_eq": "file://data/image_eq", "cc": "file://data/cc"},
         "demo": {"image": "image", "segmentation": "seg", "size": [192, 160, 32], "chunk_size": [32, 32, 16],
                  "objects": 12},
         "steps": {
@@ -27,6 +27,9 @@ def demo_config(workdir: Path, **execution) -> Path:
             "seg_copy": {"op": "transfer", "src": "seg", "dest": "copy", "chunk_size": [64, 64, 16],
                          "sharded": True},
             "normalized": {"op": "contrast", "src": "image", "dest": "image_eq", "mip": 1, "shape": [96, 80, 16]},
+            "meshes": {"op": "mesh", "layer": "seg", "shape": [96, 80, 32]},
+            "components": {"op": "ccl", "src": "seg", "dest": "cc", "shape": [96, 96, 32]},
+            "counts": {"op": "voxel_counts", "layer": "seg"},
         },
         "execution": {"threads": 2, "tasks_per_job": 4, **execution},
     })
@@ -76,6 +79,14 @@ def test_report_pictures_tables_and_html(workdir):
     # contrast: histograms before/after, and slices of the new layer from its mip up
     check_png(rep / "normalized" / "image_eq.histograms.png", report.PLOT_SIZE)
     assert sorted(p.name for p in (rep / "normalized").glob("*.mip*.png"))[0] == "image_eq.mip1.png"
+
+    # statistics of the mesh, ccl and voxel_counts steps, read back from what they stored
+    seg = read("file://" + str(workdir / "data" / "seg"))
+    for picture in ("meshes/seg.meshes.png", "components/cc.component-sizes.png", "counts/seg.top-labels.png"):
+        check_png(rep / picture, report.PLOT_SIZE)
+    assert report.mesh_stats_png(f"file://{workdir}/data/seg", str(workdir / "m.png"))["labels"] == \
+        len(np.unique(seg)) - 1
+    assert sorted(p.name for p in (rep / "components").glob("*.png"))[0] == "cc.component-sizes.png"
 
     steps = (rep / "steps.html").read_text()
     for name in ("demo", "image_pyramid", "seg_copy", "mip0-3", "memory_target", "wall time"):

@@ -179,6 +179,9 @@ def _hist(ax, values, xlabel, title):
         ax.hist(values, bins=bins, color="tab:blue")
         if hi / lo > 20:
             ax.set_xscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("objects")
     ax.set_title(title, fontsize=10)
