@@ -217,3 +217,13 @@ def test_masks_and_multipage_slices(tmp_path):
     tifffile.imwrite(d / "z0000.tif", np.zeros((2, 20, 30), dtype=np.uint8))  # two pages where one belongs
     msg = plan_error(tmp_path, src=str(d))
     assert "z0000.tif" in msg and "one 2-D page" in msg
+
+
+def test_tiff_tasks_count_a_whole_page(tmp_path):
+    d = tiff_stack(tmp_path / "s", n=4, shape=(200, 300), dtype=np.uint16)  # pages of 300 x 200 x 2 bytes
+    cfg = {"layers": {"out": f"file://{tmp_path}/out"},
+           "steps": {"make": dict(op="create", src=str(d), dest="out", chunk_size=[32, 32, 4], memory_target=1.5e5)}}
+    stage = workflow.plan(cfg).steps["make"].stages[0]
+    page = 300 * 200 * 2
+    assert stage.grid.shape[0] * stage.grid.shape[1] * 4 * 2 * 2 <= 1.5e5 - page  # the slab fits beside the page
+    assert stage.task_bytes >= page

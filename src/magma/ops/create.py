@@ -93,11 +93,14 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
 
     memory = p["memory_target"] or ctx.execution["memory_target"]
     width = np.dtype(dtype).itemsize * desc["channels"]
-    shape = task_shape(p, desc["shape"], p["chunk_size"], width, memory, where)
+    # a TIFF page is read whole (then cropped to the task), so a task also holds one full page
+    page = width * desc["shape"][0] * desc["shape"][1] if desc["format"] == "tiff" else 0
+    shape = task_shape(p, desc["shape"], p["chunk_size"], width, max(memory - page, 1.0), where)
     box = Bbox(p["voxel_offset"], np.asarray(p["voxel_offset"]) + desc["shape"])
     params = {"dest": p["dest"], "source": desc, "offset": list(p["voxel_offset"]),
               "compress": file_compression(p["compress"], p["encoding"])}
     stage = make_stage("ingest", Grid.of(box, shape), params, ctx.step_exec, 2.0 * width * float(np.prod(shape)))
+    stage.task_bytes += page
 
     step = StepPlan(name, "create", p, writes=[p["dest"]], infos={p["dest"]: info}, preflight={"source": desc})
     step.stages.append(stage)
