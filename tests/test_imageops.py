@@ -64,14 +64,17 @@ def run(tmp_path_factory):
                       data_type="uint64", shape=[64, 64, 8]),
         "reorder": dict(op="reorder", src="img", dest="reordered", mapping_file=str(root / "moves.json"),
                         chunk_size=[32, 32, 1], shape=[64, 64, 4]),
-        "tissue_ds": dict(op="downsample", layer="tissue", num_mips=1),
-        "roi": dict(op="roi", layer="tissue"),
-        "roi_steps": dict(op="roi", layer="tissue2", mip=0, z_step=8, max_axial_len=64),
+        "tissue_ds": dict(op="downsample", layer="tissue2", num_mips=1),
+        "roi": dict(op="roi", layer="tissue2"),  # the last mip: 1
+        "roi_steps": dict(op="roi", layer="tissue", mip=0, z_step=8, max_axial_len=64),
+        "tissue_ds2": dict(op="downsample", layer="tissue", num_mips=1),  # rewrites the info after roi
     }
     cfgfile = write_config(root / "ops.yaml", {"layers": layers, "steps": steps, "execution": {"tasks_per_job": 16}})
     work = root / "work"
     work.mkdir()
     snakemake(work, cfgfile)
+    again = snakemake(work, cfgfile, "-n")  # planning after the run (rois now in the info) changes nothing
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
     return root, layers, dict(aff=aff, seg=seg, img=img, pairs=pairs, seg32=seg32), workflow.plan(
         {"layers": layers, "steps": steps})
 
@@ -125,23 +128,24 @@ def test_reorder_moves_slices(run):
 
 
 def test_roi_boxes_of_two_tissue_blocks(run):
-    _, layers, _, _ = run
-    rois = CloudVolume(layers["tissue"], progress=False).info["scales"][0]["rois"]
-    want = [[lo[0] + 64, lo[1], lo[2], hi[0] + 64 - 1, hi[1] - 1, hi[2] - 1] for lo, hi in BLOCKS]
-    assert sorted(rois) == sorted(want)
+    _, layers, _, plan = run
+    assert plan.steps["roi"].stages[0].params["mip"] == 1
+    rois = CloudVolume(layers["tissue2"], progress=False).info["scales"][0]["rois"]
+    assert sorted(rois) == sorted([[*lo, *(h - 1 for h in hi)] for lo, hi in BLOCKS])
 
 
-def test_roi_z_steps_and_in_memory_downsample(run):
+def test_roi_z_steps_offset_and_in_memory_downsample(run):
     _, layers, _, plan = run
     assert plan.steps["roi_steps"].stages[0].grid.n == 2
-    rois = CloudVolume(layers["tissue2"], progress=False).info["scales"][0]["rois"]
+    info = CloudVolume(layers["tissue"], progress=False).info
+    assert len(info["scales"]) == 2  # a later step rewrote the info and kept the rois
     want = []
     for z0, z1 in ((0, 8), (8, 16)):
         for lo, hi in BLOCKS:
             a, b = max(lo[2], z0), min(hi[2], z1)
-            if a < b:
-                want.append([lo[0], lo[1], a, hi[0] - 1, hi[1] - 1, b - 1])
-    assert sorted(rois) == sorted(want)
+            if a < b:  # x shifted by the layer's voxel offset
+                want.append([lo[0] + 64, lo[1], a, hi[0] + 64 - 1, hi[1] - 1, b - 1])
+    assert sorted(info["scales"][0]["rois"]) == sorted(want)
 
 
 # ---- errors before anything is written --------------------------------------------

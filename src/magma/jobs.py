@@ -80,6 +80,8 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
     if spec.get("preflight") is not None:  # the op's own checks of what it reads (e.g. every input file)
         OPS[spec["op"]].preflight(spec["step"], spec["preflight"])
     for layer, info in spec["infos"].items():
+        stored = CloudFiles(spec["paths"][layer]).get_json("info")
+        info = layers.with_results(info, stored)  # e.g. rois found by an earlier roi step
         vol = CloudVolume(spec["paths"][layer], info=info, progress=False)
         vol.commit_info()
         log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/info ({len(info['scales'])} scales)")

@@ -145,6 +145,32 @@ def check_aligned(where: str, box: Bbox, whole: Bbox, grid, what: str) -> None:
         )
 
 
+# What jobs add to an info after planning (roi's tissue boxes). Plans leave these keys out, so
+# planning again after they were written gives the same plan; setup jobs carry them over.
+RESULT_KEYS = ("rois",)
+
+
+def without_results(info: dict) -> dict:
+    out = copy.deepcopy(info)
+    for scale in out["scales"]:
+        for key in RESULT_KEYS:
+            scale.pop(key, None)
+    return out
+
+
+def with_results(info: dict, stored: dict | None) -> dict:
+    """`info` with the result keys of the stored info's scales of the same key."""
+    if not stored:
+        return info
+    old = {s.get("key"): s for s in stored.get("scales", [])}
+    out = copy.deepcopy(info)
+    for scale in out["scales"]:
+        for key in RESULT_KEYS:
+            if key in old.get(scale["key"], {}) and key not in scale:
+                scale[key] = old[scale["key"]][key]
+    return out
+
+
 def add_scales(info: dict, resolutions, encoding=None, chunk_size=None) -> dict:
     """A copy of `info` with scales of these resolutions set (added, or replaced in place)."""
     out = copy.deepcopy(info)

@@ -104,11 +104,11 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
         path = cfg["layers"][layer]
         if layer in created:
             try:  # an existing output is compared with what the step will make
-                infos[layer] = read_info(layer, path)
+                infos[layer] = layers.without_results(read_info(layer, path))
             except MagmaError:
                 pass
         else:
-            infos[layer] = read_info(layer, path)
+            infos[layer] = layers.without_results(read_info(layer, path))
 
     result = WorkflowPlan(cfg)
     ex = cfg["execution"]

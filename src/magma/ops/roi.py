@@ -78,7 +78,8 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     step.stages += [find, gather]
     for st in step.stages:
         step.notes.append(f"{st.name}: {st.grid.n} tasks -> {st.jobs} jobs (mip {mip})")
-    # the info is only changed by the gather task (the boxes are not known before)
+    # only the gather task changes the info (the boxes are not known before); plans leave
+    # `rois` out and setup jobs of later steps carry it over (layers.RESULT_KEYS)
     step.checks = []
     return step
 
