@@ -478,3 +478,44 @@ def test_sigkill_during_forge_and_merge_then_rerun_gives_identical_output(tmp_pa
     assert sorted(got) == sorted(want)
     assert all(got[k] == want[k] for k in want)
     assert any(k.endswith(".shard") for k in got)
+
+
+def test_forge_kernel_filters_and_fills():
+    from magma.meshes import forge
+
+    block = np.zeros((20, 20, 20), dtype=np.uint64)
+    block[2:12, 2:12, 2:12] = 5          # 1000 voxels, hollow below
+    block[5:9, 5:9, 5:9] = 0             # an enclosed hole
+    block[14:16, 14:16, 14:16] = 6       # 8 voxels
+    block[14:19, 2:7, 2:7] = 2**63 + 7   # 125 voxels
+    kept = forge.keep_labels(block.copy(), dust_threshold=100)
+    assert set(np.unique(kept).tolist()) == {0, 5, 2**63 + 7}
+    counts = mapbuffer.IntMap(mapbuffer.IntMap({5: 10, 6: 500, 2**63 + 7: 500}).tobytes())
+    kept = forge.keep_labels(block.copy(), dust_threshold=100, global_counts=counts)
+    assert set(np.unique(kept).tolist()) == {0, 6, 2**63 + 7}
+    kept = forge.keep_labels(block.copy(), object_ids=[5, 6], exclude_object_ids=[6])
+    assert set(np.unique(kept).tolist()) == {0, 5}
+
+    hollow = forge.mesh_labels(block, RES, simplification=False, max_error=40)
+    filled = forge.mesh_labels(block, RES, simplification=False, max_error=40, fill_holes=1)
+    solid = block.copy()
+    solid[5:9, 5:9, 5:9] = 5
+    ref = forge.mesh_labels(solid, RES, simplification=False, max_error=40)
+    assert len(filled[5].faces) == len(ref[5].faces) < len(hollow[5].faces)
+    assert area(filled[5].vertices, filled[5].faces) == pytest.approx(area(ref[5].vertices, ref[5].faces))
+    for level in (2, 3):  # border filling and dilation run and keep every label
+        assert set(forge.mesh_labels(block, RES, False, 40, fill_holes=level)) == {5, 6, 2**63 + 7}
+
+
+def test_mesh_dir_follows_the_layer_info(tmp_path):
+    seg = objects((32, 32, 16))
+    layer = make_layer(tmp_path / "s", seg, "segmentation", chunk=(16, 16, 16))
+    step = {"op": "mesh", "layer": "s", "max_simplification_error": 12.5}
+    plan = workflow.plan({"layers": {"s": layer}, "steps": {"m": step}})
+    assert plan.steps["m"].infos["s"]["mesh"] == "mesh_mip_0_err_12.5"
+    info = CloudFiles(layer).get_json("info")
+    CloudFiles(layer).put_json("info", dict(info, mesh="meshes"))
+    plan = workflow.plan({"layers": {"s": layer}, "steps": {"m": step}})
+    assert plan.steps["m"].stages[0].params["mesh_dir"] == "meshes"
+    plan = workflow.plan({"layers": {"s": layer}, "steps": {"m": dict(step, mesh_dir="other")}})
+    assert plan.steps["m"].infos["s"]["mesh"] == "other"
