@@ -55,8 +55,8 @@ def objects(shape=SHAPE, seed=0) -> np.ndarray:
 STEPS = {
     # legacy manifests, exact marching cubes, global dust from voxel_counts.im
     "m_leg": dict(layer="leg", simplification=False, dust_threshold=DUST, dust_global=True),
-    # unsharded multi-LOD, Igneous's default simplification
-    "m_ml": dict(layer="ml", nlod=2, min_chunk_size=[8, 8, 4]),
+    # unsharded multi-LOD, Igneous's default simplification, no spatial index
+    "m_ml": dict(layer="ml", nlod=2, min_chunk_size=[8, 8, 4], spatial_index=False),
     # sharded multi-LOD, open at the dataset edges, several shards, one id excluded
     "m_sh": dict(layer="sh", sharded=True, simplification=False, nlod=2, min_chunk_size=[8, 8, 4],
                  closed_dataset_edges=False, max_labels_per_shard=5, exclude_object_ids=[42]),
@@ -298,7 +298,11 @@ def test_mesh_infos(run):
     assert sh["transform"] == [8, 0, 0, 0, 0, 8, 0, 0, 0, 0, 40, 0] and sh["lod_scale_multiplier"] == 1.0
     assert sh["sharding"]["hash"] == "murmurhash3_x86_128" and sh["sharding"]["data_encoding"] == "raw"
     assert sh["sharding"]["shard_bits"] >= 1, "max_labels_per_shard should force several shards"
-    assert "sharding" not in CloudFiles(layers["ml"]).get_json(f"{MESH_DIR}/info")
+    ml = CloudFiles(layers["ml"]).get_json(f"{MESH_DIR}/info")
+    assert "sharding" not in ml and "spatial_index" not in ml
+    ml_files = files(layers["ml"])
+    assert not [f for f in ml_files if f.endswith((".spatial", ".spatial.gz")) and "/magma-work/" not in f]
+    assert [f for f in ml_files if "/magma-work/forge/" in f], "forge's records stay for a later merge"
     assert not [f for layer in layers.values() for f in files(layer) if "/magma-work/labels" in f or "/shards/" in f]
 
 
