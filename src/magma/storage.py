@@ -111,23 +111,20 @@ def _named(fn, retried: bool):
 
     import tenacity
 
-    if retried:  # cloud-files' own function under its tenacity decorator
-        policy = tenacity.Retrying(
-            reraise=True,
-            retry=tenacity.retry_if_exception(transient),
-            stop=tenacity.stop_after_attempt(RETRY["attempts"]),
-            wait=tenacity.wait_random_exponential(RETRY["first_wait"], RETRY["max_wait"]),
-        )
-        inner = fn.__wrapped__
-    else:
-        policy, inner = None, fn
+    inner = fn.__wrapped__ if retried else fn  # under cloud-files' own tenacity decorator
 
     @functools.wraps(inner)
     def call(self, *args, **kw):
         try:
-            if policy is None:
+            if not retried:
                 return inner(self, *args, **kw)
-            return policy.copy()(inner, self, *args, **kw)
+            policy = tenacity.Retrying(  # read RETRY now: install() may have changed it
+                reraise=True,
+                retry=tenacity.retry_if_exception(transient),
+                stop=tenacity.stop_after_attempt(RETRY["attempts"]),
+                wait=tenacity.wait_random_exponential(RETRY["first_wait"], RETRY["max_wait"]),
+            )
+            return policy(inner, self, *args, **kw)
         except Exception as exc:
             if not hasattr(exc, "magma_path"):
                 name = args[0] if args else next((kw[k] for k in ("file_path", "prefix", "path") if k in kw), "")
