@@ -58,7 +58,8 @@ def test_transient_errors_are_retried_and_persistent_ones_named(s3, tmp_path):
     upload(s3, src, img)
     env = s3.env()
     env.update(AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard")
-    execution = {"threads": 1, "tasks_per_job": 8, "retries": 0, "storage_attempts": 4, "storage_first_wait": 0.05}
+    execution = {"threads": 1, "tasks_per_job": 8, "retries": 0, "storage_attempts": 4, "storage_first_wait": 0.05,
+                 "report": False}  # (the report reads chunks again)
 
     # every chunk read and write fails twice (a 503, then a dropped connection) before it works
     proxy = FlakyProxy(s3.url, fail_first=2, match="/flaky/").start()
@@ -71,7 +72,8 @@ def test_transient_errors_are_retried_and_persistent_ones_named(s3, tmp_path):
         chunk_gets = [k for k in proxy.counts if k[0] == "GET" and "/8_8_40/" in k[1]]
         chunk_puts = [k for k in proxy.counts if k[0] == "PUT" and "/16_16_40/" in k[1]]
         assert len(chunk_gets) == 32 and len(chunk_puts) == 8, (chunk_gets, chunk_puts)
-        assert all(proxy.counts[k] == 3 and proxy.failed[k] == 2 for k in chunk_gets + chunk_puts)
+        odd = {k: (proxy.counts[k], proxy.failed[k]) for k in chunk_gets + chunk_puts if (proxy.counts[k], proxy.failed[k]) != (3, 2)}
+        assert not odd, odd
         print(f"{sum(proxy.failed.values())} requests failed and were retried; run took {seconds:.1f} s")
     finally:
         proxy.stop()
