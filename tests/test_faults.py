@@ -337,3 +337,27 @@ def test_second_run_on_the_same_outputs_is_refused(tmp_path):
 def markers_of(work: Path) -> dict:
     d = work / "results"
     return {str(p): p.stat().st_mtime_ns for p in d.rglob("*.json")} if d.exists() else {}
+
+
+# ---- plans do not drift after a run -------------------------------------------------------------
+def test_plans_are_the_same_after_a_run(tmp_path):
+    """After a run the infos hold what every step added (scales, a mesh key). Planning again must
+    give every step the same infos and stages, or Snakemake's params trigger redoes finished work.
+    (The kill test found this: a mesh step's key made the downsample and transfer before it drift.)"""
+    from magma import workflow
+
+    make_inputs(tmp_path)
+    cfg = pipeline(tmp_path)
+    cfg["layers"]["segpyr"] = cfg["layers"]["seg"]
+    cfg["steps"] = {"segpyr": {"op": "downsample", "layer": "seg", "num_mips": 1}, **cfg["steps"]}
+    first = workflow.plan(cfg)
+    final = {}
+    for sp in first.steps.values():  # what the setup jobs write, the last one winning
+        final.update(sp.infos)
+    for layer, info in final.items():
+        CloudFiles(cfg["layers"][layer]).put_json("info", info)
+    again = workflow.plan(cfg)
+    for name, sp in first.steps.items():
+        assert again.steps[name].infos == sp.infos, f"{name}: predicted infos drift after a run"
+        assert [s.to_dict() for s in again.steps[name].stages] == [s.to_dict() for s in sp.stages], name
+    assert final["seg"].get("mesh"), "the mesh step's key is in the stored info"

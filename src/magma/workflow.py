@@ -89,6 +89,26 @@ def dependencies(steps: list) -> dict:
     return deps
 
 
+# Top-level info keys an op adds to the layer it writes (scale results like `rois`: layers.without_results).
+OWN_KEYS = {"mesh": ("mesh",), "mesh_transfer": ("mesh",), "skeleton": ("skeletons",),
+            "skeleton_transfer": ("skeletons",)}
+
+
+def _forget_own_keys(steps: list, infos: dict) -> None:
+    """Drop from the stored infos the keys that steps of this config add themselves.
+
+    On a re-run they are already stored, put there by a step that may come *after* others
+    on the same layer; planning those earlier steps with them would change their params
+    (a downsample's predicted info, a transfer's copy of its source) and Snakemake would
+    redo finished work. The step that owns a key adds it again when it is planned.
+    """
+    for _, op, p in steps:
+        for key in OWN_KEYS.get(op, ()):
+            for layer in OPS[op].writes(p):
+                if layer in infos:
+                    infos[layer].pop(key, None)
+
+
 def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
     """Validate `config` and plan every step. Reads only info files; writes nothing."""
     cfg = validate(config)
@@ -109,6 +129,7 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
                 pass
         else:
             infos[layer] = layers.without_results(read_info(layer, path))
+    _forget_own_keys(steps, infos)
 
     result = WorkflowPlan(cfg)
     ex = cfg["execution"]
