@@ -361,3 +361,7 @@ def test_plans_are_the_same_after_a_run(tmp_path):
         assert again.steps[name].infos == sp.infos, f"{name}: predicted infos drift after a run"
         assert [s.to_dict() for s in again.steps[name].stages] == [s.to_dict() for s in sp.stages], name
     assert final["seg"].get("mesh"), "the mesh step's key is in the stored info"
+    # a layer that came with a mesh directory keeps it: the mesh step still sees the stored key
+    info = dict(final["seg"], mesh="mesh")
+    CloudFiles(cfg["layers"]["seg"]).put_json("info", info)
+    assert workflow.plan(cfg).steps["meshes"].stages[0].params["mesh_dir"] == "mesh"

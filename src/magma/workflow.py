@@ -94,19 +94,30 @@ OWN_KEYS = {"mesh": ("mesh",), "mesh_transfer": ("mesh",), "skeleton": ("skeleto
             "skeleton_transfer": ("skeletons",)}
 
 
-def _forget_own_keys(steps: list, infos: dict) -> None:
-    """Drop from the stored infos the keys that steps of this config add themselves.
+def _hold_own_keys(steps: list, infos: dict) -> dict:
+    """Take out of the stored infos the keys that steps of this config add themselves, until
+    the step that owns them is planned: (layer, key) -> stored value.
 
-    On a re-run they are already stored, put there by a step that may come *after* others
-    on the same layer; planning those earlier steps with them would change their params
-    (a downsample's predicted info, a transfer's copy of its source) and Snakemake would
-    redo finished work. The step that owns a key adds it again when it is planned.
+    On a re-run such a key is already stored, put there by a step that may come *after* others
+    on the same layer; planning those earlier steps with it would change their params (a
+    downsample's predicted info, a transfer's copy of its source) and Snakemake would redo
+    finished work. The owning step gets the stored value back (a mesh step keeps the mesh
+    directory the info names).
     """
+    held = {}
     for _, op, p in steps:
         for key in OWN_KEYS.get(op, ()):
             for layer in OPS[op].writes(p):
-                if layer in infos:
-                    infos[layer].pop(key, None)
+                if layer in infos and key in infos[layer]:
+                    held[(layer, key)] = infos[layer].pop(key)
+    return held
+
+
+def _give_back(held: dict, op: str, p: dict, infos: dict) -> None:
+    for key in OWN_KEYS.get(op, ()):
+        for layer in OPS[op].writes(p):
+            if (layer, key) in held and layer in infos and key not in infos[layer]:
+                infos[layer] = dict(infos[layer], **{key: held.pop((layer, key))})
 
 
 def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
@@ -129,7 +140,7 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
                 pass
         else:
             infos[layer] = layers.without_results(read_info(layer, path))
-    _forget_own_keys(steps, infos)
+    held = _hold_own_keys(steps, infos)
 
     result = WorkflowPlan(cfg)
     ex = cfg["execution"]
@@ -137,6 +148,7 @@ def plan(config: dict, read_info=layers.read_info) -> WorkflowPlan:
         op, p = by_name[name]
         step_exec = dict(ex) | ex["steps"].get(name, {})
         ctx = Context(paths=cfg["layers"], infos=infos, execution=ex, step_exec=step_exec)
+        _give_back(held, op, p, infos)
         sp = OPS[op].plan(ctx, name, p)
         sp.after = sorted(deps[name], key=order.index)
         sp.threads = int(step_exec["threads"])
