@@ -100,14 +100,36 @@ def make_dataset(work: Path, scale: float, cores: int) -> dict:
 
 
 # ---- measuring a command ----------------------------------------------------------
+TIMEOUT = 4 * 3600  # seconds one command may take (--timeout)
+
+
+def _kill_tree(proc) -> None:
+    """End a timed-out command and everything it started (children first)."""
+    try:
+        tree = proc.children(recursive=True)
+    except psutil.Error:
+        tree = []
+    for p in reversed(tree):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.kill()
+
+
 def measure(argv: list, logfile: Path, cwd: Path, env: dict | None = None) -> dict:
-    """Run `argv` to completion: wall s, CPU s of the whole tree, peak summed RSS."""
+    """Run `argv` to completion: wall s, CPU s of the whole tree, peak summed RSS.
+    A command still running after TIMEOUT seconds is killed and counts as failed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(logfile, "w") as out:
         proc = psutil.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         peak = 0
         while proc.poll() is None:
+            if time.perf_counter() - t0 > TIMEOUT:
+                _kill_tree(proc)
+                proc.wait()
+                break
             try:
                 tree = [proc] + proc.children(recursive=True)
                 peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
@@ -497,7 +519,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="scratch directory (default: benchmarks/work, git-ignored)")
     ap.add_argument("--igneous-venv", default="/tmp/ign", help="venv with igneous (installed when missing)")
     ap.add_argument("--out", default=None, help="markdown file for the table (default benchmarks/results/...)")
+    ap.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds one command may run (default 4 h)")
     args = ap.parse_args(argv)
+    globals()["TIMEOUT"] = args.timeout
 
     work = Path(args.work or ROOT / "benchmarks" / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
