@@ -222,3 +222,30 @@ def test_statistics_pictures_read_what_was_stored(tmp_path):
     stats = report.voxel_counts_png(path, 0, str(out))
     assert stats["labels"] == 4 and stats["top"][0] == (2**60 + 1, 30 * 30 * 16)
     check_png(out, report.PLOT_SIZE)
+
+
+def test_magma_serve_command(tmp_path):
+    """`magma serve` serves a config's local layers and prints their links."""
+    import re
+    import subprocess
+    import sys
+
+    from conftest import image_data, make_layer
+
+    make_layer(tmp_path / "em", image_data((64, 64, 16)), "image", chunk=(32, 32, 16))
+    cfg = write_config(tmp_path / "c.yaml", {"layers": {"em": f"file://{tmp_path}/em", "gone": "gs://b/x"},
+                                             "steps": {}})
+    proc = subprocess.Popen([sys.executable, "-m", "magma.cli", "serve", "--configfile", str(cfg), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(4)]
+        text = "".join(lines)
+        assert "Neuroglancer" in text and "localhost%3A0" not in text
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/<layer>/", text).group(1))
+        assert f"localhost%3A{port}%2Fem" in text  # the links point at this server
+        status, headers, body = fetch(f"http://127.0.0.1:{port}/em/info")
+        assert status == 200 and json.loads(body)["type"] == "image"
+        assert headers["Access-Control-Allow-Origin"] == "*"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
