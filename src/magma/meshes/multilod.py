@@ -2,7 +2,9 @@
 
 Model space is voxels at the mesh mip (the info's `transform` scales to nm). LOD 0 is
 the merged mesh; LOD i is LOD i-1 simplified by zmesh's fast quadric simplifier to
-about faces0 / 2**i. LOD i is cut into an octree level of cells chunk_shape * 2**i
+about faces0 / 2**i (zmesh.simplify_fqmr, not pyfqmr: it takes zmesh meshes as they
+are and halved five 7-8k-face meshes in 29 ms against pyfqmr's 46 ms; pyfqmr kept
+the area 0.3-1% closer, well inside what a coarser LOD may lose). LOD i is cut into an octree level of cells chunk_shape * 2**i
 (zmesh.chunk_mesh), cells in Z-curve order, each Draco-encoded with integer
 positions on the full [0, 2**bits - 1] lattice of its cell so decoding is exact.
 Before cutting LOD i, it is first cut along LOD i-1's cell planes: a coarse cell
@@ -18,6 +20,27 @@ from cloudvolume.datasource.precomputed.mesh.multilod import (
     MultiLevelPrecomputedMeshManifest,
     to_stored_model_space,
 )
+
+
+def weld(parts: list, resolution, label: int) -> zmesh.Mesh:
+    """Join a label's forge fragments into one mesh, merging the vertices neighbouring
+    tasks share on their seams. Those lie on the half-voxel lattice, so rounding to
+    1/16 voxel merges them even when float sums differ in the last bit (one sort;
+    zmesh's merge_close_vertices took 50x longer)."""
+    mesh = zmesh.Mesh.concatenate(*parts, id=label)
+    if len(mesh.faces) == 0:
+        return mesh
+    key = np.round(mesh.vertices / (float(min(resolution)) / 16)).astype(np.int64)
+    key -= key.min(axis=0)
+    span = key.max(axis=0) + 1
+    if float(np.prod(span.astype(float))) < 2.0**62:
+        _, first, inverse = np.unique((key[:, 0] * span[1] + key[:, 1]) * span[2] + key[:, 2],
+                                      return_index=True, return_inverse=True)
+    else:  # a huge extent: unique rows instead of one packed integer
+        _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    faces = inverse.reshape(-1)[mesh.faces]
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    return zmesh.Mesh(mesh.vertices[first], faces.astype(np.uint32), None, id=label)
 
 
 def lod_count(extent, min_chunk_size, nlod: int) -> int:

@@ -249,11 +249,6 @@ def index(params: dict, box: Bbox, paths: dict) -> dict:
 
 
 # ---- merge ------------------------------------------------------------------
-def _weld(parts: list, label: int) -> zmesh.Mesh:
-    mesh = zmesh.Mesh.concatenate(*parts, id=label)
-    return mesh.merge_close_vertices(radius=1e-3)  # seam vertices of neighbouring tasks coincide exactly
-
-
 def merge(params: dict, box: Bbox, paths: dict) -> dict:
     bucket = int(box.minpt[0])
     cf = CloudFiles(paths[params["layer"]])
@@ -270,9 +265,9 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
     parts = _fragments(cf, params, work)
     encoded = {}
     for label in sorted(work):
-        out = multilod.encode(label, _weld(parts[label], label), params["resolution"], params["nlod"],
-                              params["min_chunk_size"], params["vertex_quantization_bits"],
-                              params["draco_compression_level"])
+        whole = multilod.weld(parts[label], params["resolution"], label)
+        out = multilod.encode(label, whole, params["resolution"], params["nlod"], params["min_chunk_size"],
+                              params["vertex_quantization_bits"], params["draco_compression_level"])
         if out is not None:
             encoded[label] = out
     if params["kind"] == "multilod":
