@@ -243,8 +243,7 @@ def _legacy_to_multilod(src: CloudFiles, labels: list, params: dict) -> tuple:
         parts = [zmesh.Mesh.from_precomputed(frags[n]) for n in names]
         if not parts:
             continue
-        # neighbouring forge tasks share their seam vertices exactly: weld them, as the mesh merge does
-        mesh = zmesh.Mesh.concatenate(*parts, id=label).merge_close_vertices(radius=1e-3)
+        mesh = multilod.weld(parts, params["resolution"], label)  # seams of forge tasks, as the mesh merge
         out = multilod.encode(label, mesh, params["resolution"], params["nlod"], params["min_chunk_size"],
                               params["vertex_quantization_bits"], params["draco_compression_level"])
         if out is not None:
