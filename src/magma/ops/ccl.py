@@ -51,12 +51,11 @@ READ_BATCH = 500  # intermediate files fetched at once by the global task
 # ---- kernels ------------------------------------------------------------------
 def foreground(image: np.ndarray, gte, lte) -> np.ndarray:
     """Binarize an image: voxels >= gte and <= lte (either bound may be None)."""
-    mask = np.ones(image.shape, dtype=bool)
-    if gte is not None:
-        mask &= image >= gte
-    if lte is not None:
-        mask &= image <= lte
-    return mask
+    # element-wise results keep the image's memory order (Fortran from CloudVolume),
+    # so cc3d gets it without a copy
+    if gte is not None and lte is not None:
+        return (image >= gte) & (image <= lte)
+    return image >= gte if gte is not None else image <= lte
 
 
 def label_block(image: np.ndarray, binary: bool, gte=None, lte=None):
