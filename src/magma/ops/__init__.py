@@ -1,7 +1,9 @@
 """Operations: one module per op, found by name (ops/<op>.py), its config schema
 in workflow/schemas/ops/<op>.yaml. Each module has the same small interface:
 
-    reads(p) / writes(p) / creates(p) -> layer names (for ordering steps)
+    reads(p) / writes(p) / creates(p) -> layer names (for ordering steps); optional:
+        by default an op with `layer` reads and writes it, an op with `src` and `dest`
+        reads src and creates dest (the SPEC's two kinds of op)
     plan(ctx, name, p) -> StepPlan      (pure: info dicts in, grids out; updates ctx.infos)
     run_task(params, box, paths) -> dict of counts (voxels, files)
 
@@ -14,6 +16,18 @@ only the ops (and their libraries: zmesh, kimimaro, ...) it runs.
 """
 import importlib
 import pkgutil
+
+
+def _reads(p):
+    return [p["layer"]] if "layer" in p else [p["src"]]
+
+
+def _writes(p):
+    return [p["layer"]] if "layer" in p else [p["dest"]]
+
+
+def _creates(p):
+    return [] if "layer" in p else [p["dest"]]
 
 
 class _Ops(dict):
@@ -29,6 +43,9 @@ class _Ops(dict):
         mod = importlib.import_module(f"{__name__}.{name}")
         if not (hasattr(mod, "plan") and hasattr(mod, "run_task")):
             raise KeyError(name)
+        for role, default in (("reads", _reads), ("writes", _writes), ("creates", _creates)):
+            if not hasattr(mod, role):
+                setattr(mod, role, default)
         self[name] = mod
         return mod
 

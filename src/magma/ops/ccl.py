@@ -117,18 +117,6 @@ def output_dtype(voxels: int) -> str:
 
 
 # ---- planning -------------------------------------------------------------------
-def reads(p):
-    return [p["src"]]
-
-
-def writes(p):
-    return [p["dest"]]
-
-
-def creates(p):
-    return [p["dest"]]
-
-
 def dest_info(src: dict, p: dict, dtype: str) -> dict:
     import copy
 

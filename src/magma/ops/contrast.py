@@ -99,18 +99,6 @@ def clahe_slices(image: np.ndarray, clip_limit: float, tiles) -> np.ndarray:
 
 
 # ---- planning ---------------------------------------------------------------
-def reads(p):
-    return [p["src"]]
-
-
-def writes(p):
-    return [p["dest"]]
-
-
-def creates(p):
-    return [p["dest"]]
-
-
 def _check(where, name, src, p):
     if src["data_type"] not in ("uint8", "uint16"):
         raise MagmaError(f"{where}.src: contrast works on uint8 or uint16 images; layer '{name}' is {src['data_type']}")

@@ -18,18 +18,6 @@ def quantize(image: np.ndarray) -> np.ndarray:
     return np.clip(image * np.float32(255.0), 0, 255).astype(np.uint8)
 
 
-def reads(p):
-    return [p["src"]]
-
-
-def writes(p):
-    return [p["dest"]]
-
-
-def creates(p):
-    return [p["dest"]]
-
-
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
     _derived.check_new_layer(where, ctx, p)

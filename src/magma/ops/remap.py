@@ -89,18 +89,6 @@ def _table(path: str, digest: str) -> dict:
 
 
 # ---- planning ---------------------------------------------------------------
-def reads(p):
-    return [p["src"]]
-
-
-def writes(p):
-    return [p["dest"]]
-
-
-def creates(p):
-    return [p["dest"]]
-
-
 def _load(where: str, path: str):
     if "://" not in path:
         path = os.path.abspath(path)  # jobs may run elsewhere than the planner's directory

@@ -68,18 +68,6 @@ def source_of(moves: dict, z0: int, z1: int) -> np.ndarray:
     return out
 
 
-def reads(p):
-    return [p["src"]]
-
-
-def writes(p):
-    return [p["dest"]]
-
-
-def creates(p):
-    return [p["dest"]]
-
-
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
     _derived.check_new_layer(where, ctx, p)

@@ -46,18 +46,6 @@ def tissue_boxes(image: np.ndarray, layer_type: str, max_axial_len: int, suppres
     return boxes
 
 
-def reads(p):
-    return [p["layer"]]
-
-
-def writes(p):
-    return [p["layer"]]
-
-
-def creates(p):
-    return []
-
-
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
     lname = p["layer"]

@@ -64,18 +64,6 @@ def intmap_bytes(labels: np.ndarray, counts: np.ndarray) -> bytes:
 
 
 # ---- planning -------------------------------------------------------------------
-def reads(p):
-    return [p["layer"]]
-
-
-def writes(p):
-    return [p["layer"]]
-
-
-def creates(p):
-    return []
-
-
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
     lname, mip = p["layer"], p["mip"]
