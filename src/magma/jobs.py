@@ -85,8 +85,13 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
         vol = CloudVolume(spec["paths"][layer], info=info, progress=False)
         vol.commit_info()
         log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/info ({len(info['scales'])} scales)")
+    for layer, files in spec.get("files", {}).items():
+        cf = CloudFiles(spec["paths"][layer])
+        for name, content in files.items():
+            cf.put_json(name, content, cache_control="no-cache")
+            log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/{name}")
     write_marker(marker, {"step": spec["step"], "stage": "setup", "seconds": round(time.time() - t0, 3),
-                          "files": len(spec["infos"])})
+                          "files": len(spec["infos"]) + sum(len(f) for f in spec.get("files", {}).values())})
 
 
 # ---- task batches ---------------------------------------------------------------

@@ -99,6 +99,7 @@ class StepPlan:
     params: dict
     stages: list = field(default_factory=list)
     infos: dict = field(default_factory=dict)  # layer -> info the setup job writes
+    files: dict = field(default_factory=dict)  # layer -> {path in layer: JSON} the setup job writes (skeleton/mesh info)
     writes: list = field(default_factory=list)  # layers whose provenance records this step
     sources: list = field(default_factory=list)  # layers read (provenance `sources`)
     threads: int = 1

@@ -62,6 +62,7 @@ def setup_spec(wc):
         "preflight": sp.preflight,
         "paths": PLAN.paths,
         "infos": sp.infos,
+        "files": sp.files,
         "checks": [
             (layer, mip, box.minpt.tolist(), box.maxpt.tolist(), fill)
             for layer, mip, box, fill in sp.checks
