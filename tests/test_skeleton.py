@@ -196,3 +196,35 @@ def test_kill_and_resume(tmp_path, workdir, data):
         assert sorted(got) == sorted(want)
         assert all(got[k] == want[k] for k in want), d
     assert any(k.endswith(".shard") for k in _tree(tmp_path / "seg" / "skeletons_sharded"))
+
+
+def test_forge_options_in_process(tmp_path, data):
+    """dust_global reads the voxel_counts IntMap; fix_branching can be turned off; object/mask ids."""
+    from mapbuffer import IntMap, MapBuffer
+
+    url = make_layer(tmp_path / "seg", data, "segmentation", chunk=(32, 32, 32), resolution=RES)
+
+    def forged(**kw):
+        step = {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32], "merge_tasks": 1, **kw}
+        wp = plan({"layers": {"seg": url}, "steps": {"sk": step}})
+        st = wp.steps["sk"].stages[0]
+        labels = set()
+        for i in range(st.grid.n):
+            OPS["skeleton"].forge(st.params, st.grid.task(i), wp.paths)
+        for p in (tmp_path / "seg" / "skeletons_mip_0" / "frags" / "0").glob("*.frags"):
+            labels |= {int(k) for k in MapBuffer(p.read_bytes()).keys()}
+            p.unlink()
+        return labels
+
+    assert forged() == {1, 3, BIG}
+    assert forged(fix_branching=False) == {1, 3, BIG}
+    assert forged(object_ids=[3, BIG], mask_ids=[BIG]) == {3}
+    with pytest.raises(MagmaError, match=r"steps\.sk\.dust_global: .*voxel_counts\.im does not exist"):
+        forged(dust_global=True)
+    # label 3 is big enough in every task it touches but small in the whole layer's counts
+    counts = {1: 10**6, 3: 999, BIG: 10**6}
+    key = json.loads((tmp_path / "seg" / "info").read_text())["scales"][0]["key"]
+    (tmp_path / "seg" / key / "stats").mkdir(parents=True)
+    (tmp_path / "seg" / key / "stats" / "voxel_counts.im").write_bytes(IntMap(counts).tobytes())
+    assert forged(dust_global=True) == {1, BIG}
+    assert forged(dust_global=True, dust_threshold=0) == {1, 3, BIG}
