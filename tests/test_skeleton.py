@@ -18,7 +18,7 @@ from magma.ops import OPS
 from magma.workflow import plan
 
 RES = (16, 16, 40)
-BIG = 2**40 + 5
+BIG = 2**63 + 5  # ids >= 2**63 break signed lookups
 # the Igneous CLI defaults (`igneous skeleton forge` / `merge`)
 TEASAR = {"scale": 4, "const": 10, "pdrf_exponent": 4, "pdrf_scale": 100000, "soma_detection_threshold": 1100,
           "soma_acceptance_threshold": 3500, "soma_invalidation_scale": 1.0, "soma_invalidation_const": 300}
@@ -221,8 +221,9 @@ def test_forge_options_in_process(tmp_path, data):
     assert forged(object_ids=[3, BIG], mask_ids=[BIG]) == {3}
     with pytest.raises(MagmaError, match=r"steps\.sk\.dust_global: .*voxel_counts\.im does not exist"):
         forged(dust_global=True)
-    # label 3 is big enough in every task it touches but small in the whole layer's counts
-    counts = {1: 10**6, 3: 999, BIG: 10**6}
+    # label 3 is big enough in every task it touches but small in the whole layer's counts;
+    # ids >= 2**63 are looked up too (IntMap's own lookup overflows on them)
+    counts = {1: 10**6, 3: 999, BIG: 10**6, 2**63 + 11: 5}
     key = json.loads((tmp_path / "seg" / "info").read_text())["scales"][0]["key"]
     (tmp_path / "seg" / key / "stats").mkdir(parents=True)
     (tmp_path / "seg" / key / "stats" / "voxel_counts.im").write_bytes(IntMap(counts).tobytes())

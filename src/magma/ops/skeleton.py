@@ -144,18 +144,12 @@ def _global_dust(params: dict, path: str, key: str, labels: np.ndarray) -> np.nd
     if data is None:
         raise MagmaError(f"steps.{params['step']}.dust_global: {path}/{name} does not exist; run a voxel_counts"
                          " step on this layer and mip first, or set dust_global: false")
-    counts = IntMap(data)
-    keep = []
-    for label in fastremap.unique(labels):
-        if label == 0:
-            continue
-        try:
-            n = counts[int(label)]
-        except KeyError:
-            n = 0
-        if n >= params["dust_threshold"]:
-            keep.append(int(label))
-    return fastremap.mask_except(labels, keep, in_place=True)
+    # the (label, count) table itself: IntMap lookups by id overflow for ids >= 2**63
+    table = IntMap(data).index()
+    big_enough = table[table[:, 1] >= params["dust_threshold"], 0]
+    present = fastremap.unique(labels)
+    keep = present[(present != 0) & np.isin(present, big_enough)]
+    return fastremap.mask_except(labels, keep.tolist(), in_place=True)
 
 
 def _labels(vol, box: Bbox, params: dict, path: str) -> np.ndarray:
