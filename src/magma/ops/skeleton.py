@@ -208,9 +208,9 @@ def _fragments(cf: CloudFiles, root: str, buckets) -> dict:
     names = sorted(n for b in buckets for n in cf.list(prefix=f"{root}/{FRAGS}/{b}/") if n.endswith(".frags"))
     out = {}
     for name in names:
-        mb = MapBuffer(cf.get(name))
-        for label in mb.keys():
-            out.setdefault(int(label), []).append(mb[label])
+        # items(), not mb[label]: MapBuffer lookups by id overflow for ids >= 2**63
+        for label, frag in MapBuffer(cf.get(name)).items():
+            out.setdefault(int(label), []).append(bytes(frag))
     return out
 
 
