@@ -68,12 +68,16 @@ def data():
 def test_unsharded_and_sharded(tmp_path, workdir, data):
     url = make_layer(tmp_path / "seg", data, "segmentation", chunk=(32, 32, 32), resolution=RES)
     cfg = {"layers": {"seg": url},
-           "steps": {"plain": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32]},
+           "steps": {"pyramid": {"op": "downsample", "layer": "seg", "num_mips": 1},
+                     "plain": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32]},
                      "shards": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32], "sharded": True,
                                 "skel_dir": "skeletons_sharded", "cross_sectional_area": True,
                                 "max_labels_per_shard": 1, "merge_tasks": 2, "delete_fragments": True}},
            "execution": {"tasks_per_job": 4}}
-    snakemake(workdir, write_config(tmp_path / "s.yaml", cfg))
+    cfgfile = write_config(tmp_path / "s.yaml", cfg)
+    snakemake(workdir, cfgfile)
+    # the `skeletons` key the steps added does not change the pyramid step's plan: nothing to redo
+    assert "Nothing to be done" in snakemake(workdir, cfgfile, "-n").stderr
     ref = whole_array(data)
     assert sorted(ref) == [1, 3, BIG]
 
@@ -156,12 +160,16 @@ def _tree(root):
     return out
 
 
+def _setup_spec(wp, sp):
+    return {"step": sp.name, "op": sp.op, "paths": wp.paths, "infos": sp.infos, "files": sp.files, "checks": [],
+            "preflight": sp.preflight, "preflight_chunk_limit": 0}
+
+
 def _run_in_process(cfg):
     """Every task of every stage called directly, in order: the output of a clean run."""
     wp = plan(cfg)
     for sp in wp.steps.values():
-        setup({"step": sp.name, "paths": wp.paths, "infos": sp.infos, "files": sp.files, "checks": [],
-               "preflight_chunk_limit": 0}, "/dev/null")
+        setup(_setup_spec(wp, sp), "/dev/null")
         for st in sp.stages:
             for i in range(st.grid.n):
                 getattr(OPS["skeleton"], st.params["task"])(st.params, st.grid.task(i), wp.paths)
@@ -221,6 +229,13 @@ def test_forge_options_in_process(tmp_path, data):
     assert forged(object_ids=[3, BIG], mask_ids=[BIG]) == {3}
     with pytest.raises(MagmaError, match=r"steps\.sk\.dust_global: .*voxel_counts\.im does not exist"):
         forged(dust_global=True)
+    # the setup job finds it missing before writing anything
+    wp = plan({"layers": {"seg": url}, "steps": {"sk": {"op": "skeleton", "layer": "seg", "dust_global": True}}})
+    (tmp_path / "seg" / "skeletons_mip_0" / "info").unlink(missing_ok=True)
+    with pytest.raises(MagmaError, match=r"steps\.sk\.dust_global: .*voxel_counts\.im does not exist"):
+        setup(_setup_spec(wp, wp.steps["sk"]), str(tmp_path / "marker.json"))
+    assert not (tmp_path / "seg" / "skeletons_mip_0" / "info").exists() and not (tmp_path / "marker.json").exists()
+    assert "skeletons" not in json.loads((tmp_path / "seg" / "info").read_text())
     # label 3 is big enough in every task it touches but small in the whole layer's counts;
     # ids >= 2**63 are looked up too (IntMap's own lookup overflows on them)
     counts = {1: 10**6, 3: 999, BIG: 10**6, 2**63 + 11: 5}

@@ -127,7 +127,16 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     ctx.infos[lname] = new_info
     step.files[lname] = {f"{skel_dir}/info": skel_info}
     step.checks = [(lname, mip, whole, p["fill_missing"])]
+    if p["dust_global"] and p["dust_threshold"] > 0:
+        step.preflight = {"path": ctx.paths[lname], "name": f"{meta.key(mip)}/stats/voxel_counts.im"}
     return step
+
+
+def preflight(step: str, params: dict) -> None:
+    """Setup-time check (before any write) that dust_global has its voxel counts to read."""
+    if not CloudFiles(params["path"]).exists(params["name"]):
+        raise MagmaError(f"steps.{step}.dust_global: {params['path']}/{params['name']} does not exist; run a"
+                         " voxel_counts step on this layer and mip first, or set dust_global: false")
 
 
 # ---- forge --------------------------------------------------------------------
