@@ -8,17 +8,5 @@ from .. import object_dirs
 from ..object_dirs import delete_task as run_task  # noqa: F401  (the op's task)
 
 
-def reads(p):
-    return []
-
-
-def writes(p):
-    return [p["layer"]]
-
-
-def creates(p):
-    return []
-
-
 def plan(ctx, name: str, p: dict):
     return object_dirs.plan_delete("mesh", "mesh_delete", ctx, name, p)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from .. import object_dirs
 from ..object_dirs import cleanup_task, copy_task, shards_task, spec_task  # noqa: F401  (stage tasks)
 
+run_task = copy_task  # the first stage's task
+
 
 def reads(p):
     return [p["src"]]
@@ -21,7 +23,3 @@ def creates(p):
 
 def plan(ctx, name: str, p: dict):
     return object_dirs.plan_transfer("skeleton", "skeleton_transfer", ctx, name, p, p["shard_tasks"])
-
-
-def run_task(params: dict, box, paths: dict) -> dict:
-    return copy_task(params, box, paths)
