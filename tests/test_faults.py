@@ -175,6 +175,13 @@ def start(work: Path, cfgfile: Path, *args):
                             start_new_session=True)
 
 
+def mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -1.0
+
+
 def run_and_kill(work: Path, cfgfile: Path, job_log: str, after: float, timeout=120) -> str:
     """Resume the run; once `job_log` is (re)written by this run, wait `after` s and SIGKILL the
     whole process group. Returns what happened, for the failure message."""
@@ -183,11 +190,11 @@ def run_and_kill(work: Path, cfgfile: Path, job_log: str, after: float, timeout=
     proc = start(work, cfgfile, "--rerun-incomplete")
     fired = None
     while time.time() - t0 < timeout and proc.poll() is None:
-        if fired is None and log.exists() and log.stat().st_mtime >= t0:
+        if fired is None and mtime(log) >= t0:  # (Snakemake deletes a re-run job's old log)
             fired = time.time()
         if fired is not None and time.time() - fired >= after:
             break
-        if fired is not None and marker.exists() and marker.stat().st_mtime >= fired - 0.01:
+        if fired is not None and mtime(marker) >= fired - 0.01:
             break  # the job ran faster than in the clean run (less load): kill just after it
         time.sleep(0.01)
     if proc.poll() is not None:
