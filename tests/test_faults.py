@@ -277,7 +277,7 @@ def test_sigkill_at_seeded_points_then_resume(tmp_path):
         if marker_of(job) in done_markers(root / "work"):
             # it ran alongside an earlier kill point and finished: the first job not done instead
             job, _, seconds = next(j for j in jobs if marker_of(j[0]) not in done_markers(root / "work"))
-        where = run_and_kill(root / "work", cfgfile, job, frac * seconds)
+        where = run_and_kill(root / "work", cfgfile, job, frac * seconds) + f" (fraction {frac:.3f})"
         check_no_partial_files(root, ref)
         snakemake(root / "work", cfgfile, "--unlock")
         copy_state(root, tmp_path / "killed")  # the lineage goes on from here
