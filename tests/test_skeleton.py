@@ -166,11 +166,11 @@ def _setup_spec(wp, sp):
             "preflight": sp.preflight, "preflight_chunk_limit": 0}
 
 
-def _run_in_process(cfg):
+def _run_in_process(cfg, markers):
     """Every task of every stage called directly, in order: the output of a clean run."""
     wp = plan(cfg)
     for sp in wp.steps.values():
-        setup(_setup_spec(wp, sp), "/dev/null")
+        setup(_setup_spec(wp, sp), str(markers / f"{sp.name}.setup.json"))
         for st in sp.stages:
             for i in range(st.grid.n):
                 getattr(OPS["skeleton"], st.params["task"])(st.params, st.grid.task(i), wp.paths)
@@ -184,7 +184,7 @@ def test_kill_and_resume(tmp_path, workdir, data):
              "shards": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32], "merge_tasks": 4, "sharded": True,
                         "skel_dir": "skeletons_sharded", "max_labels_per_shard": 2}}
     ref = make_layer(tmp_path / "ref", data, "segmentation", chunk=(32, 32, 32), resolution=RES)
-    _run_in_process({"layers": {"seg": ref}, "steps": steps})
+    _run_in_process({"layers": {"seg": ref}, "steps": steps}, tmp_path)
 
     url = make_layer(tmp_path / "seg", data, "segmentation", chunk=(32, 32, 32), resolution=RES)
     cfgfile = write_config(tmp_path / "k.yaml", {"layers": {"seg": url}, "steps": steps,

@@ -8,6 +8,9 @@ import tempfile
 
 def write_marker(path: str, data: dict) -> None:
     """Write atomically (temp file + rename): a marker is either absent or complete."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a rename would replace it: never let a marker path clobber a device or a folder
+        raise ValueError(f"marker path {path} exists and is not a regular file")
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
