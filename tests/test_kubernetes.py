@@ -265,7 +265,7 @@ def test_job_specs_request_plan_resources(s3, tmp_path):
     assert sources and all(src["sha256_ok"] for src in sources)
     names = set(sources[0]["names"])
     assert {"workflow/Snakefile", "workflow/rules/common.smk", "workflow/rules/steps.smk",
-            "workflow/scripts/job.py", "config/k.yaml"} <= names, names
+            "workflow/rules/report.smk", "config/k.yaml"} <= names, names
     assert not [k for k in stored if "workflow-sources" in k], "Snakemake removes the archive at the end"
     # plugin 0.5.1 pip-installs the storage plugin in every pod before anything else (docs/kubernetes.md:
     # pods need PyPI); the image's pinned copy stays first on sys.path

@@ -6,21 +6,24 @@ stored), so a job that dies leaves no marker and is simply run again.
 from __future__ import annotations
 
 import getpass
+import importlib
 import itertools
 import json
 import logging
+import multiprocessing
 import socket
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 
-from . import __version__, layers, safe_writes, storage
+from . import __version__, job_server, layers, safe_writes, storage
 from .errors import MagmaError
 from .markers import read_marker, write_marker
 from .ops import OPS
@@ -184,7 +187,7 @@ def finish(spec: dict, job_markers: list, marker: str, logfile=None) -> dict:
 
 
 def main(smk) -> None:
-    """Entry point for workflow/scripts/job.py (the `snakemake` object of a script job)."""
+    """Run a setup, batch or finish job: `smk` is a JobArgs (or Snakemake's own job object)."""
     spec = smk.params.spec
     logfile = smk.log[0] if smk.log else None
     kind = spec["kind"]
@@ -202,10 +205,50 @@ def main(smk) -> None:
             finish(spec, [p for p in smk.input if "/jobs/" in p], smk.output[0], logfile)
     except MagmaError as exc:
         log.error(f"ERROR: {exc}")
-        raise SystemExit(1) from None
+        raise JobFailed(str(exc)) from None
     except Exception as exc:  # setup and finish read and write info/provenance files
         where = getattr(exc, "magma_path", None)
         if where is None:
             raise
-        log.error(f"ERROR: steps.{spec['step']}: {storage.failure_message(where, exc)}")
-        raise SystemExit(1) from None
+        message = f"steps.{spec['step']}: {storage.failure_message(where, exc)}"
+        log.error(f"ERROR: {message}")
+        raise JobFailed(message) from None
+
+
+# ---- how Snakemake starts a job ----------------------------------------------------
+class JobFailed(Exception):
+    """A job stopped with an error it has already logged."""
+
+
+@dataclass
+class JobArgs:
+    """What a Snakemake job hands magma, as plain values that can cross into a forked process.
+    The attribute names are Snakemake's, so `main` also takes Snakemake's own job object."""
+
+    entry: str  # "jobs" (setup, batch, finish) or "report"
+    params: SimpleNamespace
+    input: list
+    output: list
+    log: list
+    threads: int
+    config: dict
+
+
+def run_here(args: JobArgs) -> None:
+    importlib.import_module(f"magma.{args.entry}").main(args)
+
+
+def run(args: JobArgs, fork: bool) -> None:
+    """Run a job. `fork`: in the Snakemake process that schedules the jobs (a local run, or a
+    cluster run's local rules), the job runs in a child of the job server, so that it has a
+    process of its own (cores, crash isolation, its log) at almost no start-up cost.
+    Otherwise this process exists for this one job (a cluster node, a pod): it runs here."""
+    if not fork:
+        run_here(args)
+        return
+    if not job_server.running():
+        job_server.start(["magma.jobs"])
+    code = job_server.submit(args)
+    if code != 0:
+        how = "was killed" if code is None else f"failed (exit code {code})"
+        raise JobFailed(f"{args.entry} job {how}" + (f"; log: {args.log[0]}" if args.log else ""))

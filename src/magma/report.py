@@ -457,7 +457,7 @@ def run_figures(spec: dict, outdir: str) -> dict:
 
 
 def main(smk) -> None:
-    """Entry point for workflow/scripts/report.py."""
+    """Draw a step's pictures or write the tables: `smk` is a magma.jobs.JobArgs."""
     spec = smk.params.spec
     if spec["kind"] == "figures":
         run_figures(spec, smk.output[0])

@@ -1,5 +1,31 @@
 # Paths, marker names and input functions: the only place that turns the plan
-# into Snakemake wildcards.
+# into Snakemake wildcards; and how a rule's `run:` block starts its job.
+from types import SimpleNamespace
+
+from magma import job_server as magma_job_server, jobs as magma_jobs
+
+# In the process that schedules the jobs, each job forks from a preloaded server
+# (magma.jobs.run); in a process started for one job (a cluster node, a pod) it runs there.
+FORK = not (workflow.remote_exec or workflow.subprocess_exec)
+
+
+def run_job(entry, params, input, output, log, threads):
+    args = magma_jobs.JobArgs(entry, SimpleNamespace(spec=params.spec), list(input), list(output),
+                              list(log), threads, {"execution": PLAN.config["execution"]})
+    magma_jobs.run(args, fork=FORK)
+
+
+def start_job_server():
+    """Import magma and the plan's ops once, in the server local jobs fork from."""
+    if not FORK:
+        return
+    if not workflow.use_threads:
+        sys.stderr.write("magma: Snakemake was started without the workflow profile (workflow/profiles/default,"
+                         " which sets force-use-threads): every job starts a whole Snakemake process."
+                         " Pass --force-use-threads to avoid that.\n")
+    ops = [f"magma.ops.{op}" for op in sorted({s.op for s in PLAN.steps.values()})]
+    pictures = ["magma.report", "matplotlib.pyplot"] if PLAN.config["execution"]["report"] else []
+    magma_job_server.start(["magma.jobs", *ops, *pictures])
 
 
 def setup_marker(step):

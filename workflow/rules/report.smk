@@ -26,10 +26,8 @@ rule report_figures:
         f"{RUN}/logs/{{step}}/report.log",
     wildcard_constraints:
         step=steps_regex(),
-    conda:
-        ENV
-    script:
-        "../scripts/report.py"
+    run:
+        run_job("report", params, input, output, log, threads)
 
 
 rule report_tables:
@@ -45,7 +43,5 @@ rule report_tables:
     log:
         f"{RUN}/logs/report-tables.log",
     localrule: True
-    conda:
-        ENV
-    script:
-        "../scripts/report.py"
+    run:
+        run_job("report", params, input, output, log, threads)

@@ -1,8 +1,8 @@
 # Every step is setup -> stages of batch jobs -> finish. One rule per op for the
 # batch jobs (so `snakemake -n` counts jobs per op); the plan decides the rest.
+# Jobs are `run:` blocks that hand their parameters to magma.jobs as Python
+# objects (see run_job in common.smk): no shell, no script file.
 
-SCRIPT = "../scripts/job.py"
-ENV = "../envs/magma.yaml"  # documents the software; the pinned lock is the source of truth
 EXEC = PLAN.config["execution"]
 
 
@@ -18,10 +18,8 @@ rule setup:
     wildcard_constraints:
         step=steps_regex(),
     localrule: True
-    conda:
-        ENV
-    script:
-        SCRIPT
+    run:
+        run_job("jobs", params, input, output, log, threads)
 
 
 for _op in sorted({s.op for s in PLAN.steps.values()}):
@@ -45,10 +43,8 @@ for _op in sorted({s.op for s in PLAN.steps.values()}):
             mem_mb=step_mem_mb,
             runtime=step_runtime,
         retries: EXEC["retries"]
-        conda:
-            ENV
-        script:
-            SCRIPT
+        run:
+            run_job("jobs", params, input, output, log, threads)
 
 
 rule stage_done:
@@ -61,11 +57,10 @@ rule stage_done:
     log:
         f"{RUN}/logs/{{step}}/stages/{{stage}}.log",
     localrule: True
-    conda:
-        ENV
-    script:
-        # (a `run:` block would start a whole Snakemake process per gate)
-        "../scripts/gate.py"
+    run:
+        # nothing to compute: written here, in the Snakemake process
+        Path(log[0]).write_text(f"stage {wildcards.stage} of step {wildcards.step}: all jobs done\n")
+        Path(output[0]).touch()
 
 
 rule finish:
@@ -80,7 +75,5 @@ rule finish:
     wildcard_constraints:
         step=steps_regex(),
     localrule: True
-    conda:
-        ENV
-    script:
-        SCRIPT
+    run:
+        run_job("jobs", params, input, output, log, threads)
