@@ -1,6 +1,6 @@
-"""Crashes: a write killed half-way leaves nothing behind (file://), and a pipeline SIGKILLed
-at seeded points, then unlocked and re-run, ends identical to a clean run without redoing
-any job that had finished."""
+"""Crashes: a write killed half-way leaves nothing behind (file://), and a pipeline (downsample,
+transfer, sharded transfer, mesh, skeleton, ccl) SIGKILLed at seeded points, then unlocked and
+re-run, ends identical to a clean run without redoing any job that had finished."""
 from __future__ import annotations
 
 import base64
@@ -23,7 +23,7 @@ from cloudfiles.paths import extract
 from cloudvolume import CloudVolume
 
 from conftest import SNAKEFILE, image_data, make_layer, seg_data, snakemake, write_config
-from magma import safe_writes
+from magma import jobs, safe_writes, workflow
 
 
 class DiesMidWrite:
@@ -91,18 +91,20 @@ def test_write_killed_midway_leaves_no_partial_object(tmp_path, atomic):
 KILL_POINTS = int(os.environ.get("MAGMA_FAULT_POINTS", "20"))
 SEED = 20261125
 RUN = "results/faults"
+LAYERS = ("img", "seg", "copy", "shards", "cc")
 
 
 def pipeline(root: Path) -> dict:
     """Every op that has landed, on small generated data, in jobs of a few tasks each."""
-    layers = {"img": f"file://{root}/data/img", "seg": f"file://{root}/data/seg",
-              "copy": f"file://{root}/data/copy", "shards": f"file://{root}/data/shards"}
+    layers = {name: f"file://{root}/data/{name}" for name in LAYERS}
     steps = {
         "pyr": {"op": "downsample", "layer": "img", "num_mips": 2, "memory_target": 3e4},
         "copy": {"op": "transfer", "src": "seg", "dest": "copy", "chunk_size": [32, 32, 16],
                  "encoding": "compresso", "shape": [64, 64, 16]},
         "shards": {"op": "transfer", "src": "img", "dest": "shards", "sharded": True, "memory_target": 6e4},
         "meshes": {"op": "mesh", "layer": "seg", "shape": [64, 64, 32]},
+        "skeletons": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32], "merge_tasks": 2},
+        "components": {"op": "ccl", "src": "seg", "dest": "cc", "shape": [64, 64, 32]},
     }
     # few, fuller jobs: each script job costs a Python start-up, and the test pays for ~10 runs
     return {"layers": layers, "steps": steps,
@@ -140,72 +142,38 @@ def done_markers(work: Path) -> dict:
     return {p: t for p, t in markers(work).items() if p not in todo and str(work / p) not in todo}
 
 
-def marker_of(log: str) -> str:
-    """The marker a script job writes last, from its log's path (relative to the run dir's logs/)."""
-    parts = Path(log).parts
-    if len(parts) == 2:  # <step>/setup.log, <step>/finish.log
-        return f"{RUN}/markers/{parts[0]}/" + ("setup.json" if parts[1] == "setup.log" else "done.json")
-    return f"{RUN}/markers/{parts[0]}/jobs/{parts[1]}/{Path(parts[2]).stem}.json"
+def points(cfg: dict) -> list:
+    """(marker of the job, fault point) of every point magma.jobs.fault_point knows in this plan."""
+    out = []
+    for name, sp in workflow.plan(cfg).steps.items():
+        tasks = {st.name: [len(st.job_tasks(j)) for j in range(st.jobs)] for st in sp.stages}
+        for point in jobs.fault_points(tasks):
+            where = point.rsplit("/", 1)[0]
+            marker = {"setup": "setup.json", "finish": "done.json"}.get(where, f"jobs/{where}.json")
+            out.append((f"{RUN}/markers/{name}/{marker}", f"{name}/{point}"))
+    return out
 
 
-def clean_run(work: Path, cfgfile: Path) -> list:
-    """Run to the end, watching the run dir: (log, start, seconds) of every script job. A job's
-    log appears when its code starts; its marker when it is done."""
-    t0 = time.time()
-    proc = start(work, cfgfile)
-    seen, logs = {}, work / RUN / "logs"
-    while proc.poll() is None:
-        for log in logs.rglob("*.log") if logs.exists() else []:
-            rel = str(log.relative_to(logs))
-            if rel.count("/") in (1, 2) and "/stages/" not in rel and rel not in seen:  # steps' jobs, not gates
-                seen[rel] = [time.time() - t0, None]
-        for rel, times in seen.items():
-            if times[1] is None and (work / marker_of(rel)).exists():
-                times[1] = time.time() - t0
-        time.sleep(0.01)
-    err = proc.stderr.read()
-    proc.stderr.close()
-    assert proc.returncode == 0, err[-4000:]
-    return sorted(((rel, a, (b if b is not None else time.time() - t0) - a) for rel, (a, b) in seen.items()),
-                  key=lambda j: j[1])
-
-
-def start(work: Path, cfgfile: Path, *args):
+def start(work: Path, cfgfile: Path, *args, fault: str | None = None, **env):
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(work), "--cores", "2",
            "--configfile", str(cfgfile), *args]
-    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **env)
+    if fault:
+        env["MAGMA_FAULT_AT"] = fault
+    # a session of its own: a fault point SIGKILLs the process group, i.e. this whole run
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
 
-def mtime(path: Path) -> float:
+def run_and_kill(work: Path, cfgfile: Path, point: str, timeout=300) -> None:
+    """Resume the run with a kill at `point`: the job that reaches it SIGKILLs the run."""
+    proc = start(work, cfgfile, "--rerun-incomplete", fault=point)
     try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return -1.0
-
-
-def run_and_kill(work: Path, cfgfile: Path, job_log: str, after: float, timeout=120) -> str:
-    """Resume the run; once `job_log` is (re)written by this run, wait `after` s and SIGKILL the
-    whole process group. Returns what happened, for the failure message."""
-    log, marker = work / RUN / "logs" / job_log, work / marker_of(job_log)
-    t0 = time.time() - 0.01  # mtimes are in coarse ticks
-    proc = start(work, cfgfile, "--rerun-incomplete")
-    fired = None
-    while time.time() - t0 < timeout and proc.poll() is None:
-        if fired is None and mtime(log) >= t0:  # (Snakemake deletes a re-run job's old log)
-            fired = time.time()
-        if fired is not None and time.time() - fired >= after:
-            break
-        if fired is not None and mtime(marker) >= fired - 0.01:
-            break  # the job ran faster than in the clean run (less load): kill just after it
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        raise AssertionError(f"the run ended before the kill point {job_log} +{after:.2f}s:\n{proc.stderr.read()[-3000:]}")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    return f"{job_log} +{after:.2f}s"
+        err = proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == -signal.SIGKILL, f"the run did not stop at {point} ({proc.returncode}):\n{err[-3000:]}"
 
 
 def check_no_partial_files(root: Path, ref: dict) -> None:
@@ -215,7 +183,7 @@ def check_no_partial_files(root: Path, ref: dict) -> None:
         base = os.path.basename(name)
         if base.startswith(".") and base.endswith(".part"):
             continue
-        if "/magma-work/" in name:  # a step's intermediates, removed by its last stage
+        if "/magma-work/" in name or "/ccl/" in name:  # a step's intermediates, removed by its last stage
             continue
         assert name in ref, f"unexpected file after a kill: {name}"
         if base in ("info", "provenance"):
@@ -237,7 +205,7 @@ def check_equal_to_clean(root: Path, ref: dict) -> None:
             assert provenance_steps(now[name]) == provenance_steps(data), f"{name}: provenance entries differ"
         else:
             assert now[name] == data, f"{name} differs from the clean run"
-    for layer in ("img", "seg", "copy", "shards"):  # and CloudVolume reads every mip
+    for layer in LAYERS:  # and CloudVolume reads every mip
         url = f"file://{root}/data/{layer}"
         for mip in range(len(CloudVolume(url).info["scales"])):
             vol = CloudVolume(url, mip=mip, progress=False)
@@ -257,30 +225,34 @@ def test_sigkill_at_seeded_points_then_resume(tmp_path):
     root = tmp_path / "live"
     (root / "work").mkdir(parents=True)
     make_inputs(root)
-    cfgfile = write_config(tmp_path / "faults.yaml", pipeline(root))
+    cfg = pipeline(root)
+    cfgfile = write_config(tmp_path / "faults.yaml", cfg)
     copy_state(root, tmp_path / "inputs")
 
-    # the clean run: reference outputs and the job timeline the kill points are drawn from
+    # the clean run: the reference outputs, and the order its jobs finished in
     t0 = time.time()
-    jobs = clean_run(root / "work", cfgfile)
+    snakemake(root / "work", cfgfile)
     clean_seconds = time.time() - t0
     ref = files(root)
-    assert len(jobs) >= 9, jobs
+    finished_at = markers(root / "work")
+    candidates = points(cfg)
+    assert {m for m, _ in candidates} == set(finished_at), "every job the plan has, and no other, ran"
+    candidates.sort(key=lambda c: finished_at[c[0]])  # (stable: a job's points stay in order)
 
     rng = random.Random(SEED)
-    picks = sorted(rng.sample([(j, round(rng.random(), 3)) for j in jobs for _ in range(3)], KILL_POINTS),
-                   key=lambda p: p[0][1] + p[1] * p[0][2])
+    picks = sorted(rng.sample(range(len(candidates)), KILL_POINTS))
 
     # the lineage: restore the inputs, then for every point resume the previous (killed) state,
-    # kill it again at this point, and branch off a copy that is unlocked, re-run and compared
+    # kill it at this point, and branch off a copy that is unlocked, re-run and compared
     shutil.rmtree(root)
     copy_state(tmp_path / "inputs", root)
-    results = []
-    for i, ((job, _, seconds), frac) in enumerate(picks):
-        if marker_of(job) in done_markers(root / "work"):
-            # it ran alongside an earlier kill point and finished: the first job not done instead
-            job, _, seconds = next(j for j in jobs if marker_of(j[0]) not in done_markers(root / "work"))
-        where = run_and_kill(root / "work", cfgfile, job, frac * seconds) + f" (fraction {frac:.3f})"
+    results, used = [], set()
+    for i, pick in enumerate(picks):
+        done = done_markers(root / "work")
+        # a point whose job finished alongside an earlier kill: the next point of a job not done
+        marker, point = next(c for c in candidates[pick:] + candidates if c[0] not in done and c[1] not in used)
+        used.add(point)
+        run_and_kill(root / "work", cfgfile, point)
         check_no_partial_files(root, ref)
         snakemake(root / "work", cfgfile, "--unlock")
         copy_state(root, tmp_path / "killed")  # the lineage goes on from here
@@ -289,19 +261,19 @@ def test_sigkill_at_seeded_points_then_resume(tmp_path):
         snakemake(root / "work", cfgfile, "--rerun-incomplete")
         after = markers(root / "work")
         redone = sorted(p for p, t in before.items() if after.get(p) != t)
-        assert not redone, f"point {i} ({where}): finished jobs were redone: {redone}"
+        assert not redone, f"point {i} ({point}): finished jobs were redone: {redone}"
         check_equal_to_clean(root, ref)
-        results.append((where, len(before)))
+        results.append((point, len(before)))
 
         shutil.rmtree(root)
         copy_state(tmp_path / "killed", root)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"clean run {clean_seconds:.1f} s, {len(jobs)} script jobs; whole test {time.time() - t0:.0f} s,"
-          f" {usage.ru_utime + usage.ru_stime:.0f} s CPU in subprocesses; {len(results)} kill points,"
-          " all identical after resume:")
-    for where, n in results:
-        print(f"  killed at {where}: {n} job markers kept")
-    assert len(results) == KILL_POINTS and len({w for w, _ in results}) == KILL_POINTS
+    print(f"clean run {clean_seconds:.1f} s, {len(finished_at)} jobs, {len(candidates)} fault points;"
+          f" whole test {time.time() - t0:.0f} s, {usage.ru_utime + usage.ru_stime:.0f} s CPU in subprocesses;"
+          f" {len(results)} kill points, all identical after resume:")
+    for point, n in results:
+        print(f"  killed at {point}: {n} job markers kept")
+    assert len(results) == KILL_POINTS and len({p for p, _ in results}) == KILL_POINTS
 
 
 # ---- two runs at once ---------------------------------------------------------------------------
@@ -325,12 +297,17 @@ def test_second_run_on_the_same_outputs_is_refused(tmp_path):
         assert "Directory cannot be locked" in proc.stderr and "--unlock" in proc.stderr, proc.stderr[-3000:]
         assert not re.search(r"^(local)?rule \w+:", proc.stdout + proc.stderr, re.M), "the refused run started a job"
 
-    first = start(work, cfgfile)
+    # the first run holds in its setup job until the second has been refused
+    release = tmp_path / "release"
+    first = start(work, cfgfile, fault="pyr/setup/start", MAGMA_FAULT="hold", MAGMA_FAULT_RELEASE=str(release))
+    setup_log = work / "results" / "lock" / "logs" / "pyr" / "setup.log"
     deadline = time.time() + 120
-    while not (locks.exists() and any(locks.iterdir())) and first.poll() is None and time.time() < deadline:
+    while not (setup_log.exists() and "holding" in setup_log.read_text()) and first.poll() is None \
+            and time.time() < deadline:
         time.sleep(0.02)
-    assert first.poll() is None, "the first run ended before the second started"
+    assert first.poll() is None and any(locks.iterdir()), "the first run is not holding"
     second_run_refused()
+    release.touch()
     assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
     first.stderr.close()
 

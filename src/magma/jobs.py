@@ -11,6 +11,8 @@ import itertools
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,6 +44,34 @@ def _logging(logfile):
         log.addHandler(h)
 
 
+# ---- fault injection ------------------------------------------------------------
+def fault_points(stage_tasks: dict) -> list:
+    """Every point `fault_point` knows, in the order one step reaches them:
+    `stage_tasks` is {stage name: [tasks of job 0, tasks of job 1, ...]} of one step."""
+    points = ["setup/start", "setup/written"]
+    for stage, jobs in stage_tasks.items():
+        for job, n in enumerate(jobs):
+            points += [f"{stage}/{job}/start"] + ([f"{stage}/{job}/mid"] if n >= 2 else []) + [f"{stage}/{job}/written"]
+    return points + ["finish/start", "finish/written"]
+
+
+def fault_point(point: str) -> None:
+    """Crash or pause on purpose, for tests. MAGMA_FAULT_AT names one point of one job,
+    "<step>/" + one of `fault_points` (e.g. "meshes/forge/0/mid": job 0 of the forge stage,
+    half of its tasks done). The job that reaches it stops the run there: MAGMA_FAULT=kill
+    (the default) SIGKILLs its process group, which is Snakemake, the job server and every
+    job at whatever they were doing; MAGMA_FAULT=hold waits until the file MAGMA_FAULT_RELEASE
+    exists."""
+    if os.environ.get("MAGMA_FAULT_AT") != point:
+        return
+    if os.environ.get("MAGMA_FAULT", "kill") == "hold":
+        log.info(f"fault point {point}: holding until {os.environ['MAGMA_FAULT_RELEASE']} exists")
+        while not os.path.exists(os.environ["MAGMA_FAULT_RELEASE"]):
+            time.sleep(0.02)
+        return
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
 # ---- setup --------------------------------------------------------------------
 def missing_chunks(path: str, info: dict, mip: int, box: Bbox, limit: int) -> list | None:
     """Names of chunks inside `box` that are not stored, or None when not checked
@@ -67,6 +97,7 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
     """Check what the step will read, then write the info files it needs."""
     _logging(logfile)
     t0 = time.time()
+    fault_point(f"{spec['step']}/setup/start")
     for layer, mip, lo, hi, fill_missing in spec["checks"]:
         if fill_missing:
             continue
@@ -93,6 +124,7 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
         for name, content in files.items():
             cf.put_json(name, content, cache_control="no-cache")
             log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/{name}")
+    fault_point(f"{spec['step']}/setup/written")
     write_marker(marker, {"step": spec["step"], "stage": "setup", "seconds": round(time.time() - t0, 3),
                           "files": len(spec["infos"]) + sum(len(f) for f in spec.get("files", {}).values())})
 
@@ -131,6 +163,8 @@ def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
     args = [(spec["op"], stage.params, stage.grid.task(i), spec["paths"], spec["step"]) for i in tasks]
     workers = max(1, min(threads, len(args)))
     log.info(f"{label} {len(args)} tasks on {workers} worker(s)")
+    point = f"{spec['step']}/{stage.name}/{spec['job']}"
+    fault_point(f"{point}/start")
     if workers == 1:
         results = (_run_task(*a) for a in args)
         pool = None
@@ -142,6 +176,8 @@ def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
             totals["tasks"] += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v
+            if done == len(args) // 2:
+                fault_point(f"{point}/mid")
             if time.time() - last > 10 or done == len(args):  # progress without flooding the log
                 last = time.time()
                 log.info(f"{label} {done}/{len(args)} tasks done ({last - t0:.1f} s)")
@@ -149,6 +185,7 @@ def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     totals.update(step=spec["step"], stage=stage.name, job=spec["job"], seconds=round(time.time() - t0, 3))
+    fault_point(f"{point}/written")
     write_marker(marker, totals)
     return totals
 
@@ -157,6 +194,7 @@ def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
 def finish(spec: dict, job_markers: list, marker: str, logfile=None) -> dict:
     """Record provenance on every layer the step wrote and sum the job markers."""
     _logging(logfile)
+    fault_point(f"{spec['step']}/finish/start")
     summary = {"step": spec["step"], "op": spec["op"], "jobs": 0, "seconds": 0.0}
     for path in job_markers:
         m = read_marker(path)
@@ -181,6 +219,7 @@ def finish(spec: dict, job_markers: list, marker: str, logfile=None) -> dict:
         vol.commit_provenance()
         log.info(f"[{spec['step']}] provenance recorded on {spec['paths'][layer]}")
     summary["seconds"] = round(summary["seconds"], 3)
+    fault_point(f"{spec['step']}/finish/written")
     write_marker(marker, summary)
     log.info(f"[{spec['step']}] done: " + json.dumps(summary))
     return summary

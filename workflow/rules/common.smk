@@ -1,5 +1,5 @@
 # Paths, marker names and input functions: the only place that turns the plan
-# into Snakemake wildcards; and how a rule's `run:` block starts its job.
+# into Snakemake wildcards; and how the `run:` block of a rule starts its job.
 from types import SimpleNamespace
 
 from magma import job_server as magma_job_server, jobs as magma_jobs
@@ -16,12 +16,12 @@ def run_job(entry, params, input, output, log, threads):
 
 
 def start_job_server():
-    """Import magma and the plan's ops once, in the server local jobs fork from."""
+    """Import magma and the ops of the plan once, in the server local jobs fork from."""
     if not FORK:
         return
     if not workflow.use_threads:
-        sys.stderr.write("magma: Snakemake was started without the workflow profile (workflow/profiles/default,"
-                         " which sets force-use-threads): every job starts a whole Snakemake process."
+        sys.stderr.write("magma: Snakemake was started without the magma workflow profile (it sets"
+                         " force-use-threads): every job starts a whole Snakemake process."
                          " Pass --force-use-threads to avoid that.\n")
     ops = [f"magma.ops.{op}" for op in sorted({s.op for s in PLAN.steps.values()})]
     pictures = ["magma.report", "matplotlib.pyplot"] if PLAN.config["execution"]["report"] else []

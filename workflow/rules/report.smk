@@ -26,6 +26,8 @@ rule report_figures:
         f"{RUN}/logs/{{step}}/report.log",
     wildcard_constraints:
         step=steps_regex(),
+    # bounded reads (a few crops, sampled objects): not worth a cluster job
+    localrule: True
     run:
         run_job("report", params, input, output, log, threads)
 
