@@ -161,11 +161,11 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
 
 def test_dockerfile_installs_the_readme_environment():
     readme = _readme_install_commands()
-    assert set(readme) == {"snakemake --cores all", "python -m pytest -q tests"}, readme
+    assert set(readme) == {"snakemake --cores all", "python -m pytest -q -n 2 tests"}, readme
     install = readme["snakemake --cores all"]
     # demo and tests: one Python environment (the tests also install their servers: SLURM)
     servers = "bash scripts/install-test-servers.sh"
-    assert readme["python -m pytest -q tests"] == [servers] + install
+    assert readme["python -m pytest -q -n 2 tests"] == [servers] + install
 
     instr = _dockerfile_instructions()
     run_cmds = [c for kind, arg in instr if kind == "RUN" for c in _commands(arg)]
