@@ -11,6 +11,7 @@ parent's __main__ first: Snakemake's command line.)
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
@@ -39,6 +40,18 @@ def start(modules: list) -> None:
         _name = f"magma-jobs-{os.getpid()}-{os.urandom(6).hex()}"  # abstract socket: nothing to clean up
         _server = subprocess.Popen([sys.executable, "-c", "from magma.job_server import serve; serve()", _name,
                                     *modules], stdin=subprocess.PIPE)
+        atexit.register(_stop)
+
+
+def _stop() -> None:
+    """At exit: let the server wait for its children and wait for it, so that their CPU time
+    counts in this process's (and a benchmark's) resource usage."""
+    if running():
+        _server.stdin.close()
+        try:
+            _server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def running() -> bool:
@@ -92,22 +105,37 @@ def serve() -> None:
     for module in modules:
         importlib.import_module(module)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the jobs; Snakemake's exit stops the server
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+    children = set()
     while True:
-        ready, _, _ = select.select([listener, sys.stdin], [], [])
+        ready, _, _ = select.select([listener, sys.stdin], [], [], 1.0)
+        children -= _reap(children, block=False)
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
-            return  # the Snakemake process is gone
+            _reap(children, block=True)  # the Snakemake process is gone or done
+            return
         if listener in ready:
             conn, _ = listener.accept()
-            if os.fork() == 0:
+            pid = os.fork()
+            if pid == 0:
                 listener.close()
                 os._exit(_child(conn))
+            children.add(pid)
             conn.close()
+
+
+def _reap(children: set, block: bool) -> set:
+    """Wait for finished children (their CPU time then counts as this process's children's)."""
+    done = set()
+    for pid in children:
+        try:
+            if os.waitpid(pid, 0 if block else os.WNOHANG)[0]:
+                done.add(pid)
+        except ChildProcessError:
+            done.add(pid)
+    return done
 
 
 def _child(conn: socket.socket) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the job's own worker processes are waited for
     code = 1
     try:
         size = struct.unpack("!Q", _recv(conn, 8))[0]
