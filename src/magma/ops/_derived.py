@@ -14,6 +14,7 @@ from cloudvolume import Bbox
 from .. import layers
 from ..design import mips_for_shape, shape_from_memory_target
 from ..errors import MagmaError
+from .common import check_new_layer  # noqa: F401 (the derived ops call it through this module)
 from .downsample import _set_encoding, new_scales, write_mips
 
 FACTOR = (2, 2, 1)
@@ -83,11 +84,6 @@ def check_existing(where: str, ctx, dest: str, info: dict, mip: int) -> None:
                 f"{where}.dest: layer '{dest}' already exists with a different {', '.join(diffs)};"
                 " delete it or choose another dest"
             )
-
-
-def check_new_layer(where: str, ctx, p: dict) -> None:
-    if ctx.paths[p["src"]].rstrip("/") == ctx.paths[p["dest"]].rstrip("/"):
-        raise MagmaError(f"{where}: src and dest are the same path ({ctx.paths[p['src']]}); dest must be a new layer")
 
 
 def write_block(dest, image: np.ndarray, box: Bbox, mip: int, k: int, method: str) -> int:

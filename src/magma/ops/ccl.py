@@ -41,7 +41,7 @@ from scipy.sparse.csgraph import connected_components
 from .. import layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
-from .common import dtype_width, open_volume
+from .common import check_new_layer, dtype_width, open_volume
 from .downsample import _set_encoding
 
 INTERMEDIATE_COMPRESSION = "zstd"
@@ -168,8 +168,7 @@ def _check_source(where: str, name: str, info: dict, p: dict) -> bool:
 
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
-    if ctx.paths[p["src"]].rstrip("/") == ctx.paths[p["dest"]].rstrip("/"):
-        raise MagmaError(f"{where}: src and dest are the same path ({ctx.paths[p['src']]}); ccl writes a new layer")
+    check_new_layer(where, ctx, p)
     src = ctx.infos[p["src"]]
     mip = p["mip"]
     layers.check_mip(p["src"], src, mip, key=f"{where}.mip")

@@ -7,6 +7,8 @@ import numpy as np
 from cloudvolume import CloudVolume
 from cloudvolume.datasource.precomputed.common import cdn_cache_control
 
+from ..errors import MagmaError
+
 # CloudVolume 12.15 hands `cdn_cache` to the storage as is when it writes a shard (chunked writes
 # translate it first); boto3 rejects the default `True` ("CacheControl must be a string"), so a
 # sharded write to s3:// fails. Passing the translated header keeps chunked writes as they were.
@@ -42,3 +44,9 @@ def compress_arg(compress):
 
 def dtype_width(info: dict) -> int:
     return np.dtype(info["data_type"]).itemsize
+
+
+def check_new_layer(where: str, ctx, p: dict) -> None:
+    """An op that writes a new layer (dest) from src: never onto src itself."""
+    if ctx.paths[p["src"]].rstrip("/") == ctx.paths[p["dest"]].rstrip("/"):
+        raise MagmaError(f"{where}: src and dest are the same path ({ctx.paths[p['src']]}); dest must be a new layer")

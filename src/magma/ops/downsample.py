@@ -83,16 +83,7 @@ def write_mips(vol, image, box: Bbox, mip: int, k: int, method: str, factor, spa
 
 
 # ---- planning ---------------------------------------------------------------
-def reads(p):
-    return [p["layer"]]
-
-
-def writes(p):
-    return [p["layer"]]
-
-
-def creates(p):
-    return []
+# reads, writes, creates: the defaults (ops/__init__.py): reads and writes `layer`
 
 
 def _set_encoding(info: dict, mips, encoding, level) -> None:

@@ -42,16 +42,7 @@ MAX_BUCKETS = 1000  # merge tasks; each holds the meshes of 1/N of the labels
 
 
 # ---- planning ---------------------------------------------------------------
-def reads(p):
-    return [p["layer"]]
-
-
-def writes(p):
-    return [p["layer"]]
-
-
-def creates(p):
-    return []
+# reads, writes, creates: the defaults (ops/__init__.py): reads and writes `layer`
 
 
 def _number(x) -> str:

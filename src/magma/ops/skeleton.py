@@ -37,16 +37,7 @@ MAX_MERGE_TASKS = 4096
 BYTES_PER_VOXEL = 24  # labels + kimimaro's distance fields on the block, measured ~20 B/voxel
 
 
-def reads(p):
-    return [p["layer"]]
-
-
-def writes(p):
-    return [p["layer"]]
-
-
-def creates(p):
-    return []
+# reads, writes, creates: the defaults (ops/__init__.py): reads and writes `layer`
 
 
 # ---- planning -----------------------------------------------------------------

@@ -20,7 +20,7 @@ from .. import layers
 from ..design import memory_for_shape, mips_for_shape, shape_from_memory_target
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
-from .common import compress_arg, dtype_width, file_compression, open_volume
+from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 from .downsample import _set_encoding, new_scales, resolve_method, write_mips
 
 
@@ -57,8 +57,7 @@ def dest_info(src: dict, p: dict, chunk_size) -> dict:
 
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
-    if ctx.paths[p["src"]].rstrip("/") == ctx.paths[p["dest"]].rstrip("/"):
-        raise MagmaError(f"{where}: src and dest are the same path ({ctx.paths[p['src']]}); a transfer needs a new layer")
+    check_new_layer(where, ctx, p)
     src = ctx.infos[p["src"]]
     mip = p["mip"]
     layers.check_mip(p["src"], src, mip, key=f"{where}.mip")
