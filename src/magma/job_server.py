@@ -111,7 +111,7 @@ def serve() -> None:
         children -= _reap(children, block=False)
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
             _reap(children, block=True)  # the Snakemake process is gone or done
-            return
+            os._exit(0)  # nothing to flush; skips tearing down every imported library
         if listener in ready:
             conn, _ = listener.accept()
             pid = os.fork()

@@ -28,6 +28,16 @@ def start_job_server():
     magma_job_server.start(["magma.jobs", *ops, *pictures])
 
 
+def stop_rate_timers():
+    """Snakemake re-checks its job-rate limit with 1 s timers that are not daemon threads, so
+    its exit waits for the last one; the scheduling is over when this runs."""
+    import threading
+
+    for t in threading.enumerate():
+        if isinstance(t, threading.Timer):
+            t.cancel()
+
+
 def setup_marker(step):
     return f"{RUN}/markers/{step}/setup.json"
 
