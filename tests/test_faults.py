@@ -3,7 +3,6 @@ transfer, sharded transfer, mesh, skeleton, ccl) SIGKILLed at seeded points, the
 re-run, ends identical to a clean run without redoing any job that had finished."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import random
@@ -24,6 +23,7 @@ from cloudvolume import CloudVolume
 
 from conftest import SNAKEFILE, image_data, make_layer, seg_data, snakemake, write_config
 from magma import jobs, safe_writes, workflow
+from test_resume import incomplete
 
 
 class DiesMidWrite:
@@ -127,19 +127,8 @@ def markers(work: Path) -> dict:
     return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in d.rglob("*.json")} if d.exists() else {}
 
 
-def unfinished(work: Path) -> set:
-    """Outputs Snakemake still records as incomplete (.snakemake/incomplete)."""
-    root = work / ".snakemake" / "incomplete"
-    out = set()
-    for rec in root.rglob("*") if root.exists() else []:
-        if rec.is_file() and rec.name != "migration_underway":
-            name = "".join(p.lstrip("@") for p in rec.relative_to(root).parts)
-            out.add(base64.urlsafe_b64decode(name).decode())
-    return out
-
-
 def done_markers(work: Path) -> dict:
-    todo = unfinished(work)
+    todo = incomplete(work)
     return {p: t for p, t in markers(work).items() if p not in todo and str(work / p) not in todo}
 
 
@@ -313,12 +302,11 @@ def test_second_run_on_the_same_outputs_is_refused(tmp_path):
     first.stderr.close()
 
     # a crash leaves the lock behind: refused until `snakemake --unlock`
-    crashed = start(work, cfgfile, "--forcerun", "setup")
-    while not (locks.exists() and any(locks.iterdir())) and crashed.poll() is None:
-        time.sleep(0.02)
-    os.killpg(crashed.pid, signal.SIGKILL)
-    crashed.wait()
+    # (killed by its own setup job at a fault point: no race with a run that takes a second)
+    crashed = start(work, cfgfile, "--forcerun", "setup", fault="pyr/setup/start")
+    assert crashed.wait(timeout=300) == -signal.SIGKILL, crashed.stderr.read()[-3000:]
     crashed.stderr.close()
+    assert any(locks.iterdir()), "the crashed run left its lock"
     before = markers_of(work)
     second_run_refused()
     assert markers_of(work) == before
