@@ -197,7 +197,7 @@ def test_kill_and_resume(tmp_path, workdir):
     and the output equals the whole-array labelling (a clean run gives exactly that)."""
     import random
 
-    from test_resume import finished, job_markers, kill_after
+    from test_resume import job_markers, kill_then_resume
 
     rng = random.Random(20261125)
     img = smooth_image(SHAPE, 7)
@@ -207,18 +207,8 @@ def test_kill_and_resume(tmp_path, workdir):
            "execution": {"tasks_per_job": 12, "threads": 1}}  # 3 jobs per stage, 11 in all
     cfgfile = write_config(tmp_path / "k.yaml", cfg)
 
-    done = {}
-    for n in sorted(rng.sample(range(2, 10), 2)):
-        snakemake(workdir, cfgfile, "--unlock")
-        kill_after(workdir, cfgfile, n)
-        now = job_markers(workdir)
-        redone = [m for m, t in done.items() if now.get(m) != t]
-        assert not redone, f"finished jobs were redone after a kill: {redone}"
-        done = finished(workdir)
-    snakemake(workdir, cfgfile, "--unlock")
-    snakemake(workdir, cfgfile, "--rerun-incomplete")
+    kill_then_resume(workdir, cfgfile, sorted(rng.sample(range(2, 10), 2)))
     now = job_markers(workdir)
-    assert not [m for m, t in done.items() if now.get(m) != t], "finished jobs were redone"
     assert len([m for m in now if not m.name.startswith(".")]) == 11  # not a killed marker's temp file
     assert "Nothing to be done" in snakemake(workdir, cfgfile).stderr
 

@@ -453,7 +453,7 @@ def mesh_files(layer) -> dict:
 
 
 def test_sigkill_during_forge_and_merge_then_rerun_gives_identical_output(tmp_path, workdir):
-    from test_resume import finished, job_markers, kill_after
+    from test_resume import kill_then_resume
 
     seg = objects((64, 64, 32), seed=3)
     step = dict(op="mesh", shape=TASK, sharded=True, nlod=1, min_chunk_size=[8, 8, 4], max_labels_per_shard=4)
@@ -467,17 +467,7 @@ def test_sigkill_during_forge_and_merge_then_rerun_gives_identical_output(tmp_pa
     stages = {st.name: st.jobs for st in workflow.plan(cfg).steps["m"].stages}
     assert stages["forge"] >= 2 and stages["merge"] >= 2
 
-    done = {}
-    for n in (1, stages["forge"] + 1 + 1):  # inside forge, then inside merge
-        snakemake(workdir, cfgfile, "--unlock")
-        kill_after(workdir, cfgfile, n)
-        now = job_markers(workdir)
-        assert not [p for p, t in done.items() if now.get(p) != t], "finished jobs were redone"
-        done = finished(workdir)
-    snakemake(workdir, cfgfile, "--unlock")
-    snakemake(workdir, cfgfile, "--rerun-incomplete")
-    now = job_markers(workdir)
-    assert not [p for p, t in done.items() if now.get(p) != t], "finished jobs were redone"
+    kill_then_resume(workdir, cfgfile, (1, stages["forge"] + 1 + 1))  # inside forge, then inside merge
     got, want = mesh_files(layer), mesh_files(ref["layers"]["s"])
     assert sorted(got) == sorted(want)
     assert all(got[k] == want[k] for k in want)

@@ -59,6 +59,27 @@ def kill_after(workdir, cfgfile, n_markers, timeout=300):
     assert not finished_before, "the run ended before the kill point; make the test data bigger"
 
 
+def kill_then_resume(workdir, cfgfile, kill_points):
+    """For each n in `kill_points`: unlock (a killed run leaves Snakemake's lock behind), run
+    until n job markers exist and SIGKILL the run; then unlock and run to the end. Fails if a
+    job that had finished is redone. Returns the final run and, per kill, the finished jobs."""
+    done, progress = {}, []
+    for n in kill_points:
+        snakemake(workdir, cfgfile, "--unlock")
+        kill_after(workdir, cfgfile, n)
+        now = job_markers(workdir)
+        redone = [p for p, t in done.items() if now.get(p) != t]
+        assert not redone, f"finished jobs were redone after a kill: {redone}"
+        done = finished(workdir)
+        progress.append(len(done))
+    snakemake(workdir, cfgfile, "--unlock")
+    final = snakemake(workdir, cfgfile, "--rerun-incomplete")
+    now = job_markers(workdir)
+    redone = [p for p, t in done.items() if now.get(p) != t]
+    assert not redone, f"finished jobs were redone after a kill: {redone}\n{final.stderr[-20000:]}"
+    return final, progress
+
+
 def test_kill_and_resume(tmp_path, workdir):
     rng = random.Random(20261124)  # seeded kill points, so a failure reproduces
     img, seg = image_data((256, 256, 64), 11), seg_data((256, 256, 64), 12)
@@ -72,21 +93,8 @@ def test_kill_and_resume(tmp_path, workdir):
            "execution": {"tasks_per_job": 2, "threads": 1}}
     cfgfile = write_config(tmp_path / "k.yaml", cfg)
 
-    done = {}
-    for n in sorted(rng.sample(range(3, 30), 3)):
-        snakemake(workdir, cfgfile, "--unlock")  # a killed run leaves Snakemake's lock behind
-        kill_after(workdir, cfgfile, n)
-        now = job_markers(workdir)
-        redone = [p for p, t in done.items() if now.get(p) != t]
-        assert not redone, f"finished jobs were redone after a kill: {redone}"
-        done = finished(workdir)
-        assert done, "nothing had finished before the kill"
-
-    snakemake(workdir, cfgfile, "--unlock")
-    final = snakemake(workdir, cfgfile, "--rerun-incomplete")
-    now = job_markers(workdir)
-    redone = [p for p, t in done.items() if now.get(p) != t]
-    assert not redone, f"finished jobs were redone after a kill: {redone}\n{final.stderr[-20000:]}"
+    _, progress = kill_then_resume(workdir, cfgfile, sorted(rng.sample(range(3, 30), 3)))
+    assert all(progress), f"nothing had finished before a kill: {progress}"
     assert "Nothing to be done" in snakemake(workdir, cfgfile).stderr
 
     # outputs equal the whole-array kernel (a clean run gives exactly that, see test_downsample)

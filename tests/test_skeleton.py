@@ -178,7 +178,7 @@ def _run_in_process(cfg, markers):
 
 def test_kill_and_resume(tmp_path, workdir, data):
     """SIGKILL the run during forge and during merge, re-run: the same files as a clean run."""
-    from test_resume import finished, job_markers, kill_after
+    from test_resume import kill_then_resume
 
     steps = {"plain": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32], "merge_tasks": 4},
              "shards": {"op": "skeleton", "layer": "seg", "shape": [64, 64, 32], "merge_tasks": 4, "sharded": True,
@@ -189,17 +189,7 @@ def test_kill_and_resume(tmp_path, workdir, data):
     url = make_layer(tmp_path / "seg", data, "segmentation", chunk=(32, 32, 32), resolution=RES)
     cfgfile = write_config(tmp_path / "k.yaml", {"layers": {"seg": url}, "steps": steps,
                                                   "execution": {"tasks_per_job": 2, "threads": 1}})
-    done = {}
-    for n in (2, 5, 8):  # plain forge, plain merge / shards forge, shards merge
-        snakemake(workdir, cfgfile, "--unlock")
-        kill_after(workdir, cfgfile, n)
-        now = job_markers(workdir)
-        assert not [p for p, t in done.items() if now.get(p) != t], "finished jobs were redone"
-        done = finished(workdir)
-    snakemake(workdir, cfgfile, "--unlock")
-    snakemake(workdir, cfgfile, "--rerun-incomplete")
-    now = job_markers(workdir)
-    assert not [p for p, t in done.items() if now.get(p) != t], "finished jobs were redone"
+    kill_then_resume(workdir, cfgfile, (2, 5, 8))  # plain forge, plain merge / shards forge, shards merge
     for d in ("skeletons_mip_0", "skeletons_sharded"):
         got, want = _tree(tmp_path / "seg" / d), _tree(tmp_path / "ref" / d)
         assert sorted(got) == sorted(want)

@@ -226,7 +226,7 @@ def finish(spec: dict, job_markers: list, marker: str, logfile=None) -> dict:
 
 
 def main(smk) -> None:
-    """Run a setup, batch or finish job: `smk` is a JobArgs (or Snakemake's own job object)."""
+    """Run a setup, batch or finish job described by a JobArgs."""
     spec = smk.params.spec
     logfile = smk.log[0] if smk.log else None
     kind = spec["kind"]
@@ -261,8 +261,8 @@ class JobFailed(Exception):
 
 @dataclass
 class JobArgs:
-    """What a Snakemake job hands magma, as plain values that can cross into a forked process.
-    The attribute names are Snakemake's, so `main` also takes Snakemake's own job object."""
+    """What a Snakemake job hands magma, as plain values that can cross into a forked process
+    (named as on Snakemake's job object: params, input, output, log, threads, config)."""
 
     entry: str  # "jobs" (setup, batch, finish) or "report"
     params: SimpleNamespace
@@ -285,8 +285,7 @@ def run(args: JobArgs, fork: bool) -> None:
     if not fork:
         run_here(args)
         return
-    if not job_server.running():
-        job_server.start(["magma.jobs"])
+    job_server.start(["magma.jobs"])  # (started with the plan's ops at the start of the run)
     code = job_server.submit(args)
     if code != 0:
         how = "was killed" if code is None else f"failed (exit code {code})"

@@ -14,7 +14,6 @@ from cloudvolume import Bbox
 from .. import layers
 from ..design import mips_for_shape, shape_from_memory_target
 from ..errors import MagmaError
-from .common import check_new_layer  # noqa: F401 (the derived ops call it through this module)
 from .downsample import _set_encoding, new_scales, write_mips
 
 FACTOR = (2, 2, 1)

@@ -27,7 +27,7 @@ from .. import layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
-from .common import dtype_width, file_compression, open_volume
+from .common import check_new_layer, dtype_width, file_compression, open_volume
 
 PATCH = 2048  # side of a histogram sample patch, as Igneous's
 
@@ -119,7 +119,7 @@ def _check(where, name, src, p):
 
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
-    _derived.check_new_layer(where, ctx, p)
+    check_new_layer(where, ctx, p)
     src, mip = ctx.infos[p["src"]], p["mip"]
     layers.check_mip(p["src"], src, mip, key=f"{where}.mip")
     lower, upper = _check(where, p["src"], src, p)

@@ -10,7 +10,7 @@ from .. import layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
-from .common import compress_arg, dtype_width, file_compression, open_volume
+from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 
 
 def quantize(image: np.ndarray) -> np.ndarray:
@@ -20,7 +20,7 @@ def quantize(image: np.ndarray) -> np.ndarray:
 
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
-    _derived.check_new_layer(where, ctx, p)
+    check_new_layer(where, ctx, p)
     src, mip = ctx.infos[p["src"]], p["mip"]
     layers.check_mip(p["src"], src, mip, key=f"{where}.mip")
     if src["data_type"] not in ("float32", "float64"):

@@ -22,7 +22,7 @@ from .. import layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
-from .common import compress_arg, dtype_width, file_compression, open_volume
+from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 
 INTEGER_TYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64")
 
@@ -105,7 +105,7 @@ def _load(where: str, path: str):
 
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
-    _derived.check_new_layer(where, ctx, p)
+    check_new_layer(where, ctx, p)
     src, mip = ctx.infos[p["src"]], p["mip"]
     layers.check_mip(p["src"], src, mip, key=f"{where}.mip")
     if src["data_type"] not in INTEGER_TYPES:

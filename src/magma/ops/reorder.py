@@ -19,7 +19,7 @@ from .. import layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
-from .common import compress_arg, dtype_width, file_compression, open_volume
+from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 from .remap import read_bytes
 
 
@@ -70,7 +70,7 @@ def source_of(moves: dict, z0: int, z1: int) -> np.ndarray:
 
 def plan(ctx, name: str, p: dict) -> StepPlan:
     where = f"steps.{name}"
-    _derived.check_new_layer(where, ctx, p)
+    check_new_layer(where, ctx, p)
     src, mip = ctx.infos[p["src"]], p["mip"]
     layers.check_mip(p["src"], src, mip, key=f"{where}.mip")
     layers.check_encoding(where, p["src"], src, p["encoding"])
