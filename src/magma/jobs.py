@@ -25,7 +25,7 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 
-from . import __version__, job_server, layers, safe_writes, storage
+from . import __version__, job_server, layers, malloc, safe_writes, storage
 from .errors import MagmaError
 from .markers import read_marker, write_marker
 from .ops import OPS
@@ -230,6 +230,7 @@ def main(smk) -> None:
     spec = smk.params.spec
     logfile = smk.log[0] if smk.log else None
     kind = spec["kind"]
+    malloc.keep_freed_memory()
     # from the config, not from params: tuning retries must not make Snakemake redo finished jobs
     ex = (getattr(smk, "config", None) or {}).get("execution") or {}
     storage.install(ex.get("storage_attempts"), ex.get("storage_first_wait"))
