@@ -85,3 +85,21 @@ def test_bad_input(small, case):
         workflow.plan({"layers": small, "steps": {"s": dict(op="voxel_counts", **p)}})
     for w in words:
         assert w in str(err.value), f"{w!r} not in {err.value}"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint32, np.uint64, np.int64])
+def test_count_kernel_equals_numpy(dtype):
+    """The renumber + bincount kernel against np.unique, on sparse 64-bit ids, a block
+    with one label, and both memory orders."""
+    from magma.ops.voxel_counts import count_block
+
+    rng = np.random.default_rng(7)
+    hi = np.iinfo(dtype).max
+    pool = np.unique(rng.integers(0, hi, 500, dtype=dtype, endpoint=True))
+    blocks = [pool[rng.integers(0, len(pool), (40, 30, 20))], np.full((8, 8, 8), pool[3], dtype=dtype)]
+    blocks.append(np.asfortranarray(blocks[0]))
+    for block in blocks:
+        want = np.unique(block, return_counts=True)
+        got = count_block(block.copy(order="K"))
+        assert np.array_equal(got[0], want[0].astype(np.uint64))
+        assert np.array_equal(got[1], want[1].astype(np.uint64))
