@@ -14,6 +14,7 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 
 import cc3d
+import tinybrain
 from conftest import make_layer, read, seg_data, snakemake, write_config
 from magma import workflow
 from magma.errors import MagmaError
@@ -53,13 +54,15 @@ def run(tmp_path_factory):
               for n, a in data.items()}
     layers.update({s["dest"]: f"file://{root / s['dest']}" for s in STEPS.values()})
     cfg = {"layers": layers,
-           "steps": {n: dict(op="ccl", shape=TASK, **p) for n, p in STEPS.items()},
+           "steps": {**{n: dict(op="ccl", shape=TASK, **p) for n, p in STEPS.items()},
+                     # a later step on a ccl output: planned before the output's type is narrowed
+                     "seg_pyramid": dict(op="downsample", layer="seg_out", num_mips=1)},
            "execution": {"tasks_per_job": 64, "steps": {"thr": {"tasks_per_job": 10}}}}
     cfgfile = write_config(root / "ccl.yaml", cfg)
     work = root / "work"
     work.mkdir()
     snakemake(work, cfgfile)
-    return root, data, layers, workflow.plan(yaml.safe_load(cfgfile.read_text()))
+    return root, data, layers, workflow.plan(yaml.safe_load(cfgfile.read_text())), (work, cfgfile)
 
 
 def reference(data, p):
@@ -89,7 +92,7 @@ def assert_same_partition(out, ref):
 
 @pytest.mark.parametrize("step", sorted(STEPS))
 def test_partition_equals_cc3d_whole_array(run, step):
-    root, data, layers, plan = run
+    root, data, layers, plan, _ = run
     p = STEPS[step]
     out = read(layers[p["dest"]])
     ref = reference(data, p)
@@ -106,7 +109,7 @@ def test_partition_equals_cc3d_whole_array(run, step):
 
 def test_dust_is_global(run):
     """A component above the dust size survives even where its piece in a task is smaller."""
-    root, data, layers, plan = run
+    root, data, layers, plan, _ = run
     p = STEPS["thr"]
     whole = cc3d.connected_components(data["img"] >= p["threshold_gte"], connectivity=6)
     sizes = np.bincount(whole.ravel())
@@ -123,10 +126,19 @@ def test_dust_is_global(run):
 
 
 def test_output_layer(run):
-    root, data, layers, plan = run
+    root, data, layers, plan, _ = run
     info = CloudVolume(layers["thr_out"]).info
     assert info["type"] == "segmentation" and info["num_channels"] == 1
-    assert info["data_type"] == "uint32"  # holds one label per voxel of a 128x96x40 volume
+    for p in STEPS.values():  # the smallest type that holds the largest label
+        out = CloudVolume(layers[p["dest"]])
+        top = int(read(layers[p["dest"]]).max())
+        want = "uint8" if top < 2**8 else "uint16" if top < 2**16 else "uint32"
+        assert (out.info["data_type"], top) == (want, top) and out.dtype == np.dtype(want)
+    # the downsample planned before the type was narrowed kept it, and built the mip from it
+    seg_out = CloudVolume(layers["seg_out"], mip=1)
+    assert seg_out.info["data_type"] == CloudVolume(layers["seg_out"]).info["data_type"] == seg_out.dtype.name
+    assert np.array_equal(seg_out[seg_out.bounds][..., 0], tinybrain.downsample_segmentation(
+        read(layers["seg_out"])[..., np.newaxis], (2, 2, 1), num_mips=1)[0][..., 0])
     assert info["scales"][0]["encoding"] == "compresso"
     assert info["scales"][0]["chunk_sizes"] == [list(CHUNK)]
     opts = CloudVolume(layers["band_out"]).info["scales"][0]
@@ -138,7 +150,7 @@ def test_output_layer(run):
 
 def test_intermediates(run):
     """Cleaned by default; kept (next to the source data) with clean: false."""
-    root, data, layers, plan = run
+    root, data, layers, plan, _ = run
     assert list(CloudFiles(layers["img"]).list(prefix="8_8_40/ccl/")) == []
     assert list(CloudFiles(layers["seg"]).list(prefix="8_8_40/ccl/")) == []
     kept = list(CloudFiles(layers["fimg"]).list(prefix="8_8_40/ccl/"))
@@ -218,3 +230,11 @@ def test_kill_and_resume(tmp_path, workdir):
     ids = np.unique(out[out != 0])
     assert np.array_equal(ids, np.arange(1, len(ids) + 1))
     assert list(CloudFiles(layers["img"]).list(prefix="8_8_40/ccl/")) == []
+
+
+def test_rerun_after_narrowing_does_nothing(run):
+    """Planning again sees the narrowed output type; the plan (and so every job's params)
+    must not change, or Snakemake would redo the finished steps."""
+    work, cfgfile = run[4]
+    again = snakemake(work, cfgfile, "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]

@@ -159,11 +159,14 @@ def without_results(info: dict) -> dict:
 
 
 def with_results(info: dict, stored: dict | None) -> dict:
-    """`info` with the result keys of the stored info's scales of the same key."""
+    """`info` with the result keys of the stored info's scales of the same key, and the
+    stored data type: no step changes an existing layer's type (plans that would are
+    refused), except ccl, which narrows its output's once it knows the labels."""
     if not stored:
         return info
     old = {s.get("key"): s for s in stored.get("scales", [])}
     out = copy.deepcopy(info)
+    out["data_type"] = stored.get("data_type", out["data_type"])
     for scale in out["scales"]:
         for key in RESULT_KEYS:
             if key in old.get(scale["key"], {}) and key not in scale:

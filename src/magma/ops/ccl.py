@@ -22,9 +22,11 @@ block three times). Intermediates live next to the source data, under
 `dust` is global: a component is removed when the whole component has fewer
 voxels, wherever its pieces lie (Igneous removes pieces per task).
 
-The output dtype must be known when the whole run is planned (later steps in
-the same config read `dest`), so it is the smallest unsigned type that can hold
-one label per voxel of the layer; ids are 1..N with no gaps.
+Ids are 1..N with no gaps, and the output dtype is the smallest unsigned type that
+holds N (uint32 at least with compressed_segmentation, which stores no less). N is
+known only after the labels stage, so the plan (and setup, which writes `dest`'s
+info) uses the type that holds one label per voxel; the labels stage narrows the
+info to N's type before any voxel is written. Later steps keep the stored type.
 """
 from __future__ import annotations
 
@@ -111,9 +113,12 @@ def global_labels(counts_per_task, pairs, sizes=None, dust: int = 0):
     return new_ids[comp], offsets, int(keep.sum())
 
 
-def output_dtype(voxels: int) -> str:
-    """Smallest unsigned dtype that holds one label per voxel (the most a volume can have)."""
-    return np.dtype(fastremap.fit_dtype(np.uint64, max(int(voxels), 1))).name
+def output_dtype(max_label: int, encoding: str) -> str:
+    """Smallest unsigned dtype that holds ids up to max_label in this encoding."""
+    dtype = np.dtype(fastremap.fit_dtype(np.uint64, max(int(max_label), 1)))
+    if encoding == "compressed_segmentation" and dtype.itemsize < 4:
+        dtype = np.dtype(np.uint32)  # the smallest type compressed_segmentation stores
+    return dtype.name
 
 
 # ---- planning -------------------------------------------------------------------
@@ -175,9 +180,8 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     binary = _check_source(where, p["src"], src, p)
     smeta = layers.meta(src)
     box = smeta.bounds(mip)
-    dtype = output_dtype(int(np.prod(box.size3())))
-    if p["encoding"] == "compressed_segmentation" and np.dtype(dtype).itemsize < 4:
-        dtype = "uint32"  # the smallest type compressed_segmentation stores
+    # provisional: one label per voxel; the labels stage narrows it to the labels found
+    dtype = output_dtype(int(np.prod(box.size3())), p["encoding"])
     info = dest_info(src, p, dtype)
     layers.check_encoding(where, p["dest"], info, p["encoding"])
     meta = layers.meta(info)
@@ -191,6 +195,8 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     existing = ctx.infos.get(p["dest"])
     if existing is not None:
         diffs = layers.same_geometry(existing, info, mip)
+        if np.dtype(existing["data_type"]).kind == "u":  # narrowed by an earlier run of this step
+            diffs = [d for d in diffs if d != "data_type"]
         if diffs:
             raise MagmaError(
                 f"{where}.dest: layer '{p['dest']}' already exists with a different {', '.join(diffs)};"
@@ -200,7 +206,7 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     grid = Grid.of(box, p["shape"])
     params = {"src": p["src"], "dest": p["dest"], "mip": mip, "binary": binary,
               "threshold_gte": p["threshold_gte"], "threshold_lte": p["threshold_lte"],
-              "dust": p["dust"], "fill_missing": p["fill_missing"], "dtype": dtype,
+              "dust": p["dust"], "fill_missing": p["fill_missing"], "encoding": p["encoding"],
               "prefix": f"{smeta.key(mip)}/ccl/{name}", "grid": grid.to_dict()}
     width = dtype_width(src)
     # source + labels (<= 8 B) + output, per voxel of a task
@@ -324,9 +330,12 @@ def labels_task(params: dict, box: Bbox, paths: dict) -> dict:
         del blobs
     final, offsets, max_label = global_labels(
         n_labels, pairs, np.concatenate(sizes) if sizes else None, params["dust"])
-    dtype = np.dtype(params["dtype"])
-    if max_label > np.iinfo(dtype).max:  # cannot happen: the dtype holds one label per voxel
-        raise MagmaError(f"ccl: {max_label} components do not fit the output type {dtype.name}")
+    dtype = np.dtype(output_dtype(max_label, params["encoding"]))
+    dest = CloudFiles(paths[params["dest"]])
+    info = dest.get_json("info")
+    if info["data_type"] != dtype.name:  # before any voxel is written: relabel reads it back
+        info["data_type"] = dtype.name
+        dest.put_json("info", info, cache_control="no-cache")
 
     def tables():
         for t in range(n_tasks):
@@ -353,11 +362,15 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
             f"ccl: task {t} found {n} components but its relabel table has {len(table)};"
             " the source changed during the run. Re-run the step from its faces stage"
         )
-    dtype = np.dtype(params["dtype"])
-    lut = np.concatenate([np.zeros(1, dtype=dtype), table.astype(dtype)])
+    dest = open_volume(paths[params["dest"]], params["mip"])
+    if table.dtype != dest.dtype:
+        raise MagmaError(
+            f"ccl: {paths[params['dest']]}/info says {dest.dtype} but task {t}'s relabel table is {table.dtype};"
+            " the layer changed during the run. Re-run the step from its labels stage"
+        )
+    lut = np.concatenate([np.zeros(1, dtype=table.dtype), table])
     # index in memory order (cc3d's output is Fortran-ordered): 15x faster than np.take here
     out = lut[labels.ravel(order="K")].reshape(labels.shape, order="F" if labels.flags.f_contiguous else "C")
-    dest = open_volume(paths[params["dest"]], params["mip"])
     dest[box] = out[..., np.newaxis]
     return {"voxels_written": int(out.size)}
 
