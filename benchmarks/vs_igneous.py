@@ -192,6 +192,20 @@ def ops(num_mips: int) -> dict:
             "igneous": lambda p, n: [["skeleton", "forge", p["seg"]], ["skeleton", "merge", p["seg"]]],
             "magma": {"op": "skeleton", "layer": "seg"},
         },
+        # sharded output: Igneous merges each shard in one task; the floors are those of the
+        # unsharded rows (same kernel), so they are not measured again
+        "mesh sharded": {
+            "inputs": ["seg"], "compare": [("seg", "meshes")], "floors": False,
+            "igneous": lambda p, n: [["mesh", "forge", p["seg"], "--sharded"],
+                                     ["mesh", "merge-sharded", p["seg"], "--nlod", "1"]],
+            "magma": {"op": "mesh", "layer": "seg", "sharded": True, "nlod": 1},
+        },
+        "skeleton sharded": {
+            "inputs": ["seg"], "compare": [("seg", "skeletons")], "floors": False,
+            "igneous": lambda p, n: [["skeleton", "forge", p["seg"], "--sharded"],
+                                     ["skeleton", "merge-sharded", p["seg"]]],
+            "magma": {"op": "skeleton", "layer": "seg", "sharded": True},
+        },
     }
 
 
@@ -273,15 +287,23 @@ def same_partition(a: str, b: str) -> str:
     if bounds != vb.meta.bounds(0):
         return f"bounds {bounds} vs {vb.meta.bounds(0)}"
     step = max(1, int(2**27 // max(1, np.prod(bounds.size3()[:2]))))
-    pairs = []
+    import fastremap
+
+    pairs = set()
     for z in range(int(bounds.minpt[2]), int(bounds.maxpt[2]), step):
         box = np.s_[:, :, z:min(z + step, int(bounds.maxpt[2]))]
-        x, y = va[box][..., 0].ravel().astype(np.uint64), vb[box][..., 0].ravel().astype(np.uint64)
-        pairs.append(np.unique(np.stack([x, y], axis=1), axis=0))
-    pairs = np.unique(np.concatenate(pairs), axis=0)
-    na, nb = len(np.unique(pairs[:, 0])), len(np.unique(pairs[:, 1]))
+        x, y = va[box][..., 0].ravel(), vb[box][..., 0].ravel()
+        # (a, b) label pairs: renumber both sides to small ids, pack each pair into one
+        # integer (np.unique(axis=0) on 10^8 rows takes many minutes)
+        rx, mx = fastremap.renumber(x, in_place=False)
+        ry, my = fastremap.renumber(y, in_place=False)
+        keys = fastremap.unique(rx.astype(np.uint64) << np.uint64(32) | ry.astype(np.uint64))
+        bx = {v: k for k, v in mx.items()}
+        by = {v: k for k, v in my.items()}
+        pairs.update((bx[int(k >> 32)], by[int(k & 0xFFFFFFFF)]) for k in keys.tolist())
+    na, nb = len({a for a, _ in pairs}), len({b for _, b in pairs})
     if na == nb == len(pairs):
-        return f"same partition ({na - 1 if 0 in pairs[:, 0] else na} components)"
+        return f"same partition ({na - 1 if any(a == 0 for a, _ in pairs) else na} components)"
     return f"partitions differ: {na} vs {nb} labels, {len(pairs)} pairs"
 
 
@@ -510,6 +532,29 @@ def log(msg: str) -> None:
     print(f"{datetime.datetime.now():%H:%M:%S} {msg}", flush=True)
 
 
+def write_table(rows: list, data: dict, args) -> str:
+    """The markdown table (and raw rows as .json) so far: written after every op, so an
+    interrupted run keeps what it measured."""
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"vs_igneous-scale{args.scale:g}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    size = data["size"]
+    text = (f"# magma vs Igneous {IGNEOUS_VERSION}\n\n"
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+            f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM. "
+            f"Dataset: {size[0]}x{size[1]}x{size[2]} voxels ({np.prod(size) / 1e9:.2f} Gvx, --scale {args.scale}), "
+            f"uint8 image (raw, gzip) and uint64 segmentation (compressed_segmentation), chunks "
+            f"{'x'.join(map(str, CHUNK))}, on local disk (file://).\n\n"
+            "Wall, CPU (user + sys of the process tree) and peak RSS (summed over the tree) per whole command; "
+            "ratio = magma wall / Igneous wall. Files: data files written (magma also writes markers, logs and "
+            "Snakemake metadata: the bookkeeping count). magma jobs: Snakemake batch jobs and the sum of their "
+            "task time. Floors: the tinybrain/numpy kernel on the whole array in one process, and CloudVolume "
+            "reading the input and writing the output bytes with no compute.\n\n" + table(rows) + "\n")
+    out.write_text(text)
+    log(f"table written to {out}")
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the 1.07 gigavoxel dataset (default 1)")
@@ -558,7 +603,7 @@ def main(argv=None) -> int:
                     checks.append(check(f"file://{ign}/{layer}", f"file://{mag}/{layer}", how))
             row["check"] = "; ".join(checks) or f"not compared (a run failed; logs in {work / 'logs'})"
             rows.append(row)
-            if row["magma"]["rc"] == 0 and cores == cores_list[-1]:
+            if row["magma"]["rc"] == 0 and cores == cores_list[-1] and op.get("floors", True):
                 layer, _ = op["compare"][0]
                 src = run_paths(mag)[op["inputs"][0]]
                 fl = floors(name, src, f"file://{mag}/{layer}", work / "floor")
@@ -573,25 +618,10 @@ def main(argv=None) -> int:
             for f in folder.glob("*.log"):
                 shutil.copy(f, logs / f.name)
             shutil.rmtree(folder, ignore_errors=True)
+        write_table(rows, data, args)
 
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"vs_igneous-scale{args.scale:g}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-    size = data["size"]
-    text = (f"# magma vs Igneous {IGNEOUS_VERSION}\n\n"
-            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-            f"{psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM. "
-            f"Dataset: {size[0]}x{size[1]}x{size[2]} voxels ({np.prod(size) / 1e9:.2f} Gvx, --scale {args.scale}), "
-            f"uint8 image (raw, gzip) and uint64 segmentation (compressed_segmentation), chunks "
-            f"{'x'.join(map(str, CHUNK))}, on local disk (file://).\n\n"
-            "Wall, CPU (user + sys of the process tree) and peak RSS (summed over the tree) per whole command; "
-            "ratio = magma wall / Igneous wall. Files: data files written (magma also writes markers, logs and "
-            "Snakemake metadata: the bookkeeping count). magma jobs: Snakemake batch jobs and the sum of their "
-            "task time. Floors: the tinybrain/numpy kernel on the whole array in one process, and CloudVolume "
-            "reading the input and writing the output bytes with no compute.\n\n" + table(rows) + "\n")
+    text = write_table(rows, data, args)
     print("\n" + text)
-    out.write_text(text)
-    log(f"table written to {out}")
     return 0
 
 
