@@ -353,14 +353,17 @@ def object_stats(path: str, kind: str) -> dict:
     return {"count": len(labels), "total": total}
 
 
+PLURAL = {"mesh": "meshes", "skeleton": "skeletons"}
+
+
 def similar_objects(a: str, b: str, kind: str) -> str:
     try:
         sa, sb = object_stats(a, kind), object_stats(b, kind)
     except Exception as exc:  # a format one side cannot read is a finding, not a crash
-        return f"could not read {kind}es: {exc}"
+        return f"could not read the {PLURAL[kind]}: {exc}"
     unit = "um^2 surface" if kind == "mesh" else "um cable"
     rel = abs(sa["total"] - sb["total"]) / max(sa["total"], 1e-9)
-    return (f"{kind}es {sa['count']} vs {sb['count']}, {sa['total']:.0f} vs {sb['total']:.0f} {unit} "
+    return (f"{PLURAL[kind]} {sa['count']} vs {sb['count']}, {sa['total']:.0f} vs {sb['total']:.0f} {unit} "
             f"({rel:.1%} apart)")
 
 
