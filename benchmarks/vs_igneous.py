@@ -172,6 +172,11 @@ def ops(num_mips: int) -> dict:
                                      ["image", "contrast", "equalize", p["image"], p["eq"]]],
             "magma": {"op": "contrast", "src": "image", "dest": "eq"},
         },
+        "roi": {
+            "inputs": ["image"], "compare": [("image", "rois")], "floors": False,
+            "igneous": lambda p, n: [["image", "roi", p["image"]]],
+            "magma": {"op": "roi", "layer": "image"},
+        },
         "ccl": {
             "inputs": ["seg"], "compare": [("ccl", "partition")],
             "igneous": lambda p, n: [["image", "ccl", "auto", p["seg"], p["ccl"]]],
@@ -271,11 +276,26 @@ def check(a: str, b: str, how) -> str:
         return same_partition(a, b)
     if how == "voxel_counts":
         return same_voxel_counts(a, b)
+    if how == "rois":
+        return same_rois(a, b)
     if how == "meshes":
         return similar_objects(a, b, "mesh")
     if how == "skeletons":
         return similar_objects(a, b, "skeleton")
     return compare(a, b, how)
+
+
+def same_rois(a: str, b: str) -> str:
+    """The tissue boxes both tools stored in the info (Igneous: scales[0].rois)."""
+    from cloudfiles import CloudFiles
+
+    found = []
+    for path in (a, b):
+        info = CloudFiles(path).get_json("info")
+        found.append(sorted(next((s["rois"] for s in info["scales"] if "rois" in s), [])))
+    if found[0] == found[1]:
+        return f"identical rois ({len(found[0])} boxes)"
+    return f"rois differ: {found[0]} vs {found[1]}"
 
 
 def same_partition(a: str, b: str) -> str:
