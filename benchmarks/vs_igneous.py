@@ -300,6 +300,7 @@ def same_rois(a: str, b: str) -> str:
 
 def same_partition(a: str, b: str) -> str:
     """Both labelings split the volume into the same components (ids may differ)."""
+    import fastremap
     from cloudvolume import CloudVolume
 
     va, vb = CloudVolume(a, progress=False), CloudVolume(b, progress=False)
@@ -307,8 +308,6 @@ def same_partition(a: str, b: str) -> str:
     if bounds != vb.meta.bounds(0):
         return f"bounds {bounds} vs {vb.meta.bounds(0)}"
     step = max(1, int(2**27 // max(1, np.prod(bounds.size3()[:2]))))
-    import fastremap
-
     pairs = set()
     for z in range(int(bounds.minpt[2]), int(bounds.maxpt[2]), step):
         box = np.s_[:, :, z:min(z + step, int(bounds.maxpt[2]))]

@@ -89,13 +89,13 @@ def test_bad_input(small, case):
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint32, np.uint64, np.int64])
 def test_count_kernel_equals_numpy(dtype):
-    """The renumber + bincount kernel against np.unique, on sparse 64-bit ids, a block
-    with one label, and both memory orders."""
+    """The renumber + bincount kernel against np.unique, on sparse 64-bit ids (negative
+    ones in signed types), a block with one label, and both memory orders."""
     from magma.ops.voxel_counts import count_block
 
     rng = np.random.default_rng(7)
     hi = np.iinfo(dtype).max
-    pool = np.unique(rng.integers(0, hi, 500, dtype=dtype, endpoint=True))
+    pool = np.unique(rng.integers(np.iinfo(dtype).min, hi, 500, dtype=dtype, endpoint=True))  # negatives too
     blocks = [pool[rng.integers(0, len(pool), (40, 30, 20))], np.full((8, 8, 8), pool[3], dtype=dtype)]
     blocks.append(np.asfortranarray(blocks[0]))
     for block in blocks:

@@ -10,7 +10,6 @@ layer's voxel offset (Igneous leaves the offset out and adds z at the low mip's 
 """
 from __future__ import annotations
 
-
 import cc3d
 import numpy as np
 import tinybrain

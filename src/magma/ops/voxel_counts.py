@@ -33,13 +33,14 @@ def count_block(labels: np.ndarray):
     fastremap.unique's sort of 64-bit labels, and renumbers in place: no second block."""
     if labels.size == 0:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    dtype = labels.dtype  # signed labels sort as signed, then wrap to uint64 as before
     ids, remap = fastremap.renumber(labels, in_place=True, preserve_zero=False)
     counts = np.bincount(ids.ravel(order="K"), minlength=len(remap) + 1)
-    original = np.zeros(len(counts), dtype=np.uint64)
+    original = np.zeros(len(counts), dtype=dtype)
     original[np.fromiter(remap.values(), dtype=np.int64, count=len(remap))] = np.fromiter(
-        remap.keys(), dtype=np.uint64, count=len(remap))
+        remap.keys(), dtype=dtype, count=len(remap))
     order = np.argsort(original[1:], kind="stable") + 1  # id 0 is unused (preserve_zero=False)
-    return original[order], counts[order].astype(np.uint64)
+    return original[order].astype(np.uint64), counts[order].astype(np.uint64)
 
 
 def add_counts(parts) -> tuple:
