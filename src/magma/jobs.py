@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import SimpleNamespace
@@ -25,7 +25,7 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 
-from . import __version__, job_server, layers, malloc, safe_writes, storage
+from . import __version__, cores, job_server, layers, malloc, safe_writes, storage
 from .errors import MagmaError
 from .markers import read_marker, write_marker
 from .ops import OPS
@@ -165,14 +165,17 @@ def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
     log.info(f"{label} {len(args)} tasks on {workers} worker(s)")
     point = f"{spec['step']}/{stage.name}/{spec['job']}"
     fault_point(f"{point}/start")
+    cores.start(threads - workers)  # cores no worker uses; more as workers run out of tasks
     if workers == 1:
         results = (_run_task(*a) for a in args)
         pool = None
     else:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
-        results = pool.map(_run_task, *zip(*args))
+        results = (f.result() for f in as_completed([pool.submit(_run_task, *a) for a in args]))
     try:
         for done, stats in enumerate(results, start=1):
+            if len(args) - done < workers and done < len(args):
+                cores.lend()  # a worker found no task left: running tasks may use its core
             totals["tasks"] += 1
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v
@@ -184,6 +187,7 @@ def run_batch(spec: dict, marker: str, threads: int = 1, logfile=None) -> dict:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        cores.stop()
     totals.update(step=spec["step"], stage=stage.name, job=spec["job"], seconds=round(time.time() - t0, 3))
     fault_point(f"{point}/written")
     write_marker(marker, totals)

@@ -1,0 +1,119 @@
+"""Cores a batch job's running tasks may borrow.
+
+A batch job runs its tasks on up to `threads` worker processes. When it has fewer
+tasks than cores (a stage of one big task) or fewer tasks left than workers (the
+tail of a stage whose tasks are uneven), cores sit idle. Kernels whose work splits
+into independent items borrow them: `fork_each` runs batches of items in forks of the
+task's process (mesh simplification), `borrow`/`give_back` lend cores to a kernel
+with its own workers (kimimaro's `parallel`).
+
+The count is a semaphore created by the job before its workers fork, so every
+process of the job shares it. Outside a batch job nothing is spare.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import traceback
+
+_spare = None  # multiprocessing semaphore: idle cores of this job
+
+
+def start(idle: int) -> None:
+    """Called by the batch job before it forks workers: `idle` cores are spare from the start."""
+    global _spare
+    _spare = multiprocessing.get_context("fork").Semaphore(max(0, int(idle)))
+
+
+def stop() -> None:
+    global _spare
+    _spare = None
+
+
+def lend() -> None:
+    """A worker has no task left: its core becomes spare."""
+    if _spare is not None:
+        _spare.release()
+
+
+def borrow(most: int) -> int:
+    """Take up to `most` spare cores without waiting; returns how many were taken."""
+    got = 0
+    while _spare is not None and got < most and _spare.acquire(block=False):
+        got += 1
+    return got
+
+
+def give_back(n: int) -> None:
+    for _ in range(n):
+        lend()
+
+
+def fork_each(fn, batches: list) -> list:
+    """[fn(b) for b in batches], each call in a fresh fork of this process.
+
+    A fork starts from this process's state as it is now, so a kernel object that
+    carries state from one call to the next (zmesh's simplifier) gives every batch the
+    same start: results depend on the batch alone, never on which process or core ran
+    it or what ran before. Forks see what this process has built (a mesher's surfaces)
+    without copying or pickling it. One fork runs at a time on this task's own core,
+    more while the job has spare ones. Put the biggest batches first. Results must pickle.
+    """
+    results = [None] * len(batches)
+    todo = list(range(len(batches)))[::-1]  # popped from the end: first batch first
+    running = {}  # pipe's read end -> (pid, batch, borrowed core?, bytes read)
+    try:
+        while todo or running:
+            own = 1 if todo and not any(not b for _, _, b, _ in running.values()) else 0
+            extra = borrow(len(todo) - own) if todo else 0
+            for borrowed in [False] * own + [True] * extra:
+                i = todo.pop()
+                fd, pid = _fork_one(fn, batches[i])
+                running[fd] = (pid, i, borrowed, [])
+            ready, _, _ = select.select(list(running), [], [])
+            for fd in ready:
+                chunk = os.read(fd, 1 << 20)
+                if chunk:
+                    running[fd][3].append(chunk)
+                    continue
+                pid, i, borrowed, chunks = running.pop(fd)
+                os.close(fd)
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                if borrowed:
+                    give_back(1)
+                kind, value = pickle.loads(b"".join(chunks)) if chunks else ("error", f"exit code {code}")
+                if kind == "error" or code != 0:
+                    raise RuntimeError(f"a forked worker failed (exit code {code}):\n{value}")
+                results[i] = value
+    finally:
+        for fd, (pid, _, borrowed, _) in running.items():  # only after a failure
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(fd)
+            if borrowed:
+                give_back(1)
+    return results
+
+
+def _fork_one(fn, batch) -> tuple:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        return r, pid
+    os.close(r)
+    code = 0
+    try:
+        try:
+            payload = pickle.dumps(("ok", fn(batch)), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            payload = pickle.dumps(("error", traceback.format_exc()))
+        with os.fdopen(w, "wb") as pipe:
+            pipe.write(payload)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)

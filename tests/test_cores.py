@@ -1,0 +1,126 @@
+"""Spare cores of a batch job: forks that run side by side, give their cores back, report
+failures, and a mesh forge whose output does not depend on them."""
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import zmesh
+
+from magma import cores
+from magma.meshes import forge
+
+RES = (8, 8, 40)
+
+
+@pytest.fixture
+def spare():
+    def start(n):
+        cores.start(n)
+        return n
+    yield start
+    cores.stop()
+
+
+def _free() -> int:
+    n = cores.borrow(1000)
+    cores.give_back(n)
+    return n
+
+
+def test_fork_each_results_in_order_and_cores_come_back(spare):
+    spare(1)
+    out = cores.fork_each(lambda b: (b, os.getpid()), list(range(7)))
+    assert [b for b, _ in out] == list(range(7))
+    assert os.getpid() not in {pid for _, pid in out}  # every batch ran in a fork
+    assert _free() == 1
+
+
+def test_batches_run_side_by_side_only_on_spare_cores(spare):
+    # two batches meet at a barrier: that works only if both run at the same time
+    for n, meets in ((1, True), (0, False)):
+        spare(n)
+        barrier = multiprocessing.get_context("fork").Barrier(2)
+
+        def meet(_):
+            try:
+                barrier.wait(timeout=3)
+                return True
+            except Exception:
+                return False
+
+        assert cores.fork_each(meet, [0, 1]) == [meets, meets]
+        assert _free() == n
+
+
+def test_a_failing_batch_raises_with_its_traceback(spare):
+    spare(1)
+
+    def fn(b):
+        if b == 2:
+            raise ValueError("batch two is bad")
+        return b
+
+    with pytest.raises(RuntimeError, match="batch two is bad"):
+        cores.fork_each(fn, [0, 1, 2, 3])
+    assert _free() == 1
+
+
+def _blob_block():
+    """Two big labels (each a batch of its own) and small ones sharing batches."""
+    x, y, z = np.meshgrid(*[np.arange(s) for s in (160, 160, 64)], indexing="ij")
+    block = np.zeros((160, 160, 64), dtype=np.uint64)
+    block[(x - 50) ** 2 + (y - 60) ** 2 + 16 * (z - 30) ** 2 < 45 ** 2] = 2**40 + 1
+    block[(x - 115) ** 2 + (y - 100) ** 2 + 9 * (z - 34) ** 2 < 44 ** 2] = 7
+    for k in range(20):
+        block[8 * k: 8 * k + 5, 150:155, 5:9] = 100 + k
+    return np.asfortranarray(block)
+
+
+def test_forge_simplification_ignores_cores(spare):
+    block = _blob_block()
+    spare(0)
+    alone = forge.mesh_labels(block, RES, simplification=True, max_error=40)
+    spare(1)
+    helped = forge.mesh_labels(block, RES, simplification=True, max_error=40)
+    assert list(alone) == list(helped)
+    for label in alone:
+        assert np.array_equal(alone[label].vertices, helped[label].vertices), label
+        assert np.array_equal(alone[label].faces, helped[label].faces), label
+
+
+def test_forge_simplification_ignores_history(spare, monkeypatch):
+    """A label simplified in a batch of its own equals zmesh with a fresh simplifier, whatever
+    else the block holds (zmesh's Mesher.get after other labels can differ)."""
+    monkeypatch.setattr(forge, "BATCH_VOXELS", 1)
+    block = _blob_block()
+    block[(block >= 100) & (block < 200)] = 0
+    spare(0)
+    got = forge.mesh_labels(block, RES, simplification=True, max_error=40)
+    small, mapping = forge.fastremap.renumber(block, in_place=False)
+    for label in (7, 2**40 + 1):
+        mesher = zmesh.Mesher(RES)
+        mesher.mesh(small)
+        ref = mesher.get(mapping[label], reduction_factor=100, max_error=40, voxel_centered=True)
+        assert np.array_equal(got[label].faces, ref.faces), label
+        assert np.allclose(got[label].vertices, ref.vertices), label
+
+
+def test_batch_job_lends_the_cores_its_workers_do_not_use(tmp_path, monkeypatch):
+    from magma import jobs
+    from magma.plan import Grid, Stage
+
+    class Probe:  # an op whose tasks report how many cores they could borrow
+        @staticmethod
+        def run_task(params, box, paths):
+            n = cores.borrow(10)
+            cores.give_back(n)
+            return {"borrowed": n}
+
+    monkeypatch.setitem(jobs.OPS, "probe", Probe)
+    for tasks, threads, expected in ((1, 3, 2), (1, 1, 0)):
+        stage = Stage("probe", Grid.indices(tasks), tasks, {}, 0.0)
+        spec = {"op": "probe", "step": "p", "job": 0, "stage": stage.to_dict(), "paths": {}}
+        marker = tmp_path / f"{tasks}-{threads}.json"
+        totals = jobs.run_batch(spec, str(marker), threads=threads)
+        assert totals["tasks"] == tasks and totals["borrowed"] == expected
