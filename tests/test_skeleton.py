@@ -235,3 +235,22 @@ def test_forge_options_in_process(tmp_path, data):
     (tmp_path / "seg" / key / "stats" / "voxel_counts.im").write_bytes(IntMap(counts).tobytes())
     assert forged(dust_global=True) == {1, BIG}
     assert forged(dust_global=True, dust_threshold=0) == {1, 3, BIG}
+
+
+def test_parallel_tracing_gives_the_same_skeletons(monkeypatch):
+    """What a forge task gets when its job lends it idle cores: kimimaro on several processes
+    (small pieces of work), skeletons equal to one process's, a label split into pieces too."""
+    labels = tubes()
+    labels[60:64, :, :] = 0  # cut the tubes along x: labels 1 and BIG come in pieces
+    one = skeletonize.forge(labels.copy(), RES, TEASAR, 1000, parallel=1)
+    two = skeletonize.forge(labels.copy(), RES, TEASAR, 1000, parallel=2)
+    assert sorted(one) == sorted(two) and len(one) == 3
+    for label in one:
+        a, b = one[label], two[label]
+        assert np.array_equal(a.vertices, b.vertices), label
+        assert np.array_equal(a.edges, b.edges), label
+        assert np.array_equal(a.radii, b.radii), label
+    assert skeletonize.helpers_fit(64**3, 3) == 0  # small blocks: not worth spawning
+    assert skeletonize.helpers_fit(256**3, 3) in (0, 3)
+    monkeypatch.setattr(skeletonize.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6})())
+    assert skeletonize.helpers_fit(256**3, 3) == 0  # /dev/shm too small for kimimaro's arrays

@@ -6,6 +6,7 @@ Plain functions (arrays and skeletons in, skeletons and numbers out) that the
 from __future__ import annotations
 
 import math
+import shutil
 
 import fastmorph
 import fastremap
@@ -48,17 +49,41 @@ def _with_holes_filled(labels: np.ndarray, fill_holes: int, anisotropy, fn) -> d
     return fn(filled.numpy()), fn(holes.numpy())
 
 
+# labels per piece of work when kimimaro traces in parallel: small pieces share cores evenly
+# (kimimaro's default of 100 splits a 512^3 block of ~100 neurons into one piece per process)
+PARALLEL_CHUNK = 2
+
+
+def helpers_fit(voxels: int, wanted: int) -> int:
+    """How many extra processes kimimaro may use for a block of `voxels`: its parallel mode
+    puts the distance field and the component labels (8 bytes a voxel) in /dev/shm, which
+    containers often keep small; and starting them (spawned, ~1 s) pays only on big blocks."""
+    if wanted <= 0 or voxels < PARALLEL_MIN_VOXELS:
+        return 0
+    try:
+        free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return 0
+    return wanted if free > 1.25 * 8 * voxels else 0
+
+
+PARALLEL_MIN_VOXELS = 128**3
+
+
 def forge(labels: np.ndarray, anisotropy, teasar_params: dict, dust_threshold: int = 1000,
           fix_branching: bool = True, fix_borders: bool = True, fix_avocados: bool = False,
-          fill_holes: int = 0) -> dict:
+          fill_holes: int = 0, parallel: int = 1) -> dict:
     """kimimaro skeletons {label: Skeleton} of `labels` (x, y, z); kimimaro puts the centre
-    of voxel i at i * anisotropy nm, so the caller shifts vertices into layer coordinates."""
+    of voxel i at i * anisotropy nm, so the caller shifts vertices into layer coordinates.
+    `parallel` > 1 traces labels on that many processes (the same skeletons: each label is
+    traced on its own and kimimaro's merge sorts vertices and edges)."""
     teasar = {k: v for k, v in teasar_params.items() if v is not None}
 
     def run(arr):
         return kimimaro.skeletonize(arr, teasar, anisotropy=tuple(anisotropy), dust_threshold=dust_threshold,
                                     progress=False, fix_branching=fix_branching, fix_borders=fix_borders,
-                                    fix_avocados=fix_avocados, fill_holes=False, parallel=1)
+                                    fix_avocados=fix_avocados, fill_holes=False, parallel=parallel,
+                                    parallel_chunk_size=PARALLEL_CHUNK)
 
     skels, holes = _with_holes_filled(labels, fill_holes, anisotropy, run)
     for label, hole in holes.items():

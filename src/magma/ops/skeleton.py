@@ -27,13 +27,14 @@ from cloudvolume.lib import getprecision
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, synthesize_shard_files
 from mapbuffer import IntMap, MapBuffer
 
-from .. import layers, skeletonize
+from .. import cores, layers, skeletonize
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from .common import open_volume
 
 FRAGS = "frags"
 MAX_MERGE_TASKS = 4096
+MAX_HELPERS = 63  # extra tracing processes a forge task may take from its job's idle cores
 BYTES_PER_VOXEL = 24  # labels + kimimaro's distance fields on the block, measured ~20 B/voxel
 
 
@@ -167,8 +168,12 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
     res = vol.meta.resolution(mip)
     labels = _labels(vol, box, params, path)
     dust = 0 if params["dust_global"] else params["dust_threshold"]
-    skels = skeletonize.forge(labels, res, params["teasar_params"], dust, params["fix_branching"],
-                              params["fix_borders"], params["fix_avocados"], params["fill_holes"])
+    extra = cores.borrow(skeletonize.helpers_fit(labels.size, MAX_HELPERS))  # idle cores of this job
+    try:
+        skels = skeletonize.forge(labels, res, params["teasar_params"], dust, params["fix_branching"],
+                                  params["fix_borders"], params["fix_avocados"], params["fill_holes"], 1 + extra)
+    finally:
+        cores.give_back(extra)
     del labels
     if params["cross_sectional_area"] and skels:
         big = Bbox.clamp(Bbox(box.minpt - params["cross_sectional_area_shape_delta"],
