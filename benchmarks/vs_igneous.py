@@ -9,8 +9,8 @@
 3. For every op and core count, runs the op on a fresh copy of its input layers,
    once with Igneous's CLI (`igneous -p N image ...`) and once with magma
    (`snakemake --cores N`), each as a whole shell command, measuring wall time,
-   CPU seconds (user + sys of the whole process tree), peak RSS (the sum over
-   the process tree, sampled every 0.1 s) and files written.
+   CPU seconds (user + sys of the whole process tree), peak memory (PSS summed
+   over the process tree, sampled every 0.1 s) and files written.
 4. Checks that both wrote the same arrays (every mip, voxel for voxel).
 5. Adds the floors: the library kernel on the whole array in one process, and
    CloudVolume reading the input and writing the output bytes with no compute.
@@ -118,7 +118,7 @@ def _kill_tree(proc) -> None:
 
 
 def measure(argv: list, logfile: Path, cwd: Path, env: dict | None = None) -> dict:
-    """Run `argv` to completion: wall s, CPU s of the whole tree, peak summed RSS.
+    """Run `argv` to completion: wall s, CPU s of the whole tree, peak summed PSS.
     A command still running after TIMEOUT seconds is killed and counts as failed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def measure(argv: list, logfile: Path, cwd: Path, env: dict | None = None) -> di
                 break
             try:
                 tree = [proc] + proc.children(recursive=True)
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                peak = max(peak, sum(_pss(p) for p in tree))
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -140,6 +140,15 @@ def measure(argv: list, logfile: Path, cwd: Path, env: dict | None = None) -> di
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall": wall, "cpu": cpu, "rss": peak, "rc": proc.returncode}
+
+
+def _pss(p) -> int:
+    """A process's proportional set size: pages shared between forked processes (both tools
+    fork their workers) count once over the tree, where summed RSS counts them per process."""
+    try:
+        return p.memory_full_info().pss
+    except (psutil.Error, AttributeError):
+        return 0
 
 
 def count_files(folder: Path) -> int:
@@ -521,7 +530,7 @@ def fmt_mb(x):
 
 def table(rows: list) -> str:
     head = ["op", "cores", "Igneous wall s", "magma wall s", "ratio", "CPU s (ign / magma)",
-            "peak RSS MB (ign / magma)", "files (ign / magma + bookkeeping)", "magma jobs (task s)", "outputs"]
+            "peak PSS MB (ign / magma)", "files (ign / magma + bookkeeping)", "magma jobs (task s)", "outputs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("skipped"):
@@ -567,7 +576,7 @@ def write_table(rows: list, data: dict, args) -> str:
             f"Dataset: {size[0]}x{size[1]}x{size[2]} voxels ({np.prod(size) / 1e9:.2f} Gvx, --scale {args.scale}), "
             f"uint8 image (raw, gzip) and uint64 segmentation (compressed_segmentation), chunks "
             f"{'x'.join(map(str, CHUNK))}, on local disk (file://).\n\n"
-            "Wall, CPU (user + sys of the process tree) and peak RSS (summed over the tree) per whole command; "
+            "Wall, CPU (user + sys of the process tree) and peak memory (PSS summed over the tree: pages forked processes share count once) per whole command; "
             "ratio = magma wall / Igneous wall. Files: data files written (magma also writes markers, logs and "
             "Snakemake metadata: the bookkeeping count). magma jobs: Snakemake batch jobs and the sum of their "
             "task time. Floors: the tinybrain/numpy kernel on the whole array in one process, and CloudVolume "

@@ -16,24 +16,36 @@ import tinybrain
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume, Vec
 
-from .. import layers
+from .. import cores, layers
 from ..plan import Grid, StepPlan, make_stage
 from .common import dtype_width, open_volume
 
 
-def tissue_boxes(image: np.ndarray, layer_type: str, max_axial_len: int, suppress_faint_voxels, dust: int):
-    """Bounding boxes (lo, hi exclusive, in `image` voxels) of the tissue in a (x, y, z) block."""
-    more = 0
-    area = image.shape[0] * image.shape[1]
-    if area > max_axial_len**2:
-        # Igneous's rule (one mip per factor 2 of area, so a little more than needed)
-        more = int(np.ceil(np.log2(area / max_axial_len**2)))
-        pool = tinybrain.downsample_segmentation if layer_type == "segmentation" else tinybrain.downsample_with_averaging
-        image = pool(np.asfortranarray(image), factor=(2, 2, 1), num_mips=more)[-1]
+def shrink_mips(shape, max_axial_len: int) -> int:
+    """2x2x1 mips to make in memory so a slab's xy area is at most max_axial_len²."""
+    area = int(shape[0]) * int(shape[1])
+    return int(np.ceil(np.log2(area / max_axial_len**2))) if area > max_axial_len**2 else 0
+
+
+def shrink(image: np.ndarray, layer_type: str, mips: int) -> np.ndarray:
+    """`image` (x, y, z) pooled 2x2x1 `mips` times. Slice by slice, so z-pieces shrink alone."""
+    if mips == 0:
+        return image
+    pool = tinybrain.downsample_segmentation if layer_type == "segmentation" else tinybrain.downsample_with_averaging
+    return pool(np.asfortranarray(image), factor=(2, 2, 1), num_mips=mips)[-1]
+
+
+def tissue_boxes(image: np.ndarray, layer_type: str, max_axial_len: int, suppress_faint_voxels, dust: int,
+                 shrunk: int | None = None):
+    """Bounding boxes (lo, hi exclusive, in `image` voxels) of the tissue in a (x, y, z) block.
+    `shrunk`: the image has been through `shrink` that many times already."""
+    if shrunk is None:
+        shrunk = shrink_mips(image.shape, max_axial_len)
+        image = shrink(image, layer_type, shrunk)
     labels = cc3d.connected_components(image > suppress_faint_voxels)
     labels = cc3d.dust(labels, threshold=dust, in_place=True)
     stats = cc3d.statistics(labels)
-    scale = np.array([2**more, 2**more, 1])
+    scale = np.array([2**shrunk, 2**shrunk, 1])
     boxes = []
     for slc, count in zip(stats["bounding_boxes"][1:], stats["voxel_counts"][1:]):
         if slc is None or count == 0:  # dust leaves its labels' numbers unused
@@ -77,18 +89,33 @@ def _key(mip, z0, z1) -> str:
 def find(params: dict, box: Bbox, paths: dict) -> dict:
     mip = params["mip"]
     vol = open_volume(paths[params["layer"]], mip, fill_missing=True)  # as Igneous: unwritten = no tissue
-    image = vol.download(box, mip=mip)[..., 0]
+    mips = shrink_mips(box.size3(), params["max_axial_len"])
+
+    def read(piece):  # read and shrink one chunk-deep piece, in a fork: on idle cores side by side
+        return shrink(vol.download(piece, mip=mip)[..., 0], params["layer_type"], mips)
+
+    image = np.concatenate(cores.fork_each(read, _z_pieces(box, int(vol.meta.chunk_size(mip)[2]), int(vol.meta.voxel_offset(mip)[2]))), axis=2)
     ratio = vol.meta.downsample_ratio(mip)
     whole0 = vol.meta.bounds(0)
     rois = []
     for lo, hi in tissue_boxes(image, params["layer_type"], params["max_axial_len"],
-                               params["suppress_faint_voxels"], params["dust"]):
+                               params["suppress_faint_voxels"], params["dust"], shrunk=mips):
         lo0 = (box.minpt + Vec(*lo)) * ratio
         hi0 = (box.minpt + Vec(*hi)) * ratio
         b = Bbox.clamp(Bbox(lo0, hi0), whole0)
         rois.append([int(v) for v in b.minpt] + [int(v) - 1 for v in b.maxpt])
     CloudFiles(paths[params["layer"]]).put_json(_key(mip, int(box.minpt[2]), int(box.maxpt[2])), rois)
     return {"voxels_read": int(image.size), "rois": len(rois)}
+
+
+def _z_pieces(box: Bbox, chunk_z: int, offset_z: int, most: int = 64) -> list:
+    """`box` cut along z on chunk planes (offset_z + k * chunk_z) into at most `most` pieces,
+    so each chunk is read by one piece."""
+    z0, z1 = int(box.minpt[2]), int(box.maxpt[2])
+    step = chunk_z * max(1, -(-(z1 - z0) // (chunk_z * most)))
+    first = offset_z + ((z0 - offset_z) // chunk_z + 1) * chunk_z
+    cuts = [z0] + list(range(first, z1, step)) + [z1]
+    return [Bbox((*box.minpt[:2], a), (*box.maxpt[:2], b)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def gather(params: dict, box: Bbox, paths: dict) -> dict:
