@@ -124,3 +124,15 @@ def test_batch_job_lends_the_cores_its_workers_do_not_use(tmp_path, monkeypatch)
         marker = tmp_path / f"{tasks}-{threads}.json"
         totals = jobs.run_batch(spec, str(marker), threads=threads)
         assert totals["tasks"] == tasks and totals["borrowed"] == expected
+
+
+def test_processes_a_job_spawns_keep_freed_memory_too():
+    import subprocess
+    import sys
+
+    code = ("import os, subprocess, sys; from magma import malloc; assert malloc.keep_freed_memory(); "
+            "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"MALLOC_MMAP_MAX_\"],"
+            " os.environ[\"MALLOC_TRIM_THRESHOLD_\"])'], capture_output=True, text=True).stdout)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["0", str(2**31 - 1)]
