@@ -35,19 +35,3 @@ def keep_freed_memory() -> bool:
     os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1))
     return _done
-
-
-def no_huge_pages_for_arrays() -> None:
-    """Stop numpy from asking for transparent huge pages for its big arrays in this process.
-
-    For a process that forks workers which run side by side (mesh forge's simplification
-    batches): their writes to copy-on-write huge pages cost both of them ~20% more CPU
-    here (a 257x257x256 forge on 2 cores: 16.3 s with huge pages, 13.3 s without; alone, huge
-    pages save ~5%). Call it before the arrays the forks will share are made."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    setter = getattr(multiarray, "_set_madvise_hugepage", None)
-    if setter is not None:
-        setter(False)

@@ -29,7 +29,7 @@ from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, s
 from cloudvolume.lib import getprecision
 from mapbuffer import IntMap, MapBuffer
 
-from .. import layers, malloc
+from .. import layers
 from ..errors import MagmaError
 from ..meshes import forge as kernel
 from ..meshes import multilod
@@ -163,7 +163,6 @@ def _voxel_counts(path: str, key: str):
 
 
 def forge(params: dict, box: Bbox, paths: dict) -> dict:
-    malloc.no_huge_pages_for_arrays()  # simplification runs in forks of this process
     path = paths[params["layer"]]
     mip = params["mip"]
     vol = open_volume(path, mip, fill_missing=params["fill_missing"])
