@@ -52,12 +52,13 @@ def _with_holes_filled(labels: np.ndarray, fill_holes: int, anisotropy, fn) -> d
 # labels per piece of work when kimimaro traces in parallel: small pieces share cores evenly
 # (kimimaro's default of 100 splits a 512^3 block of ~100 neurons into one piece per process)
 PARALLEL_CHUNK = 2
+PARALLEL_MIN_VOXELS = 128**3  # smaller blocks trace alone: spawning workers (~1 s) would not pay
 
 
 def helpers_fit(voxels: int, wanted: int) -> int:
     """How many extra processes kimimaro may use for a block of `voxels`: its parallel mode
     puts the distance field and the component labels (8 bytes a voxel) in /dev/shm, which
-    containers often keep small; and starting them (spawned, ~1 s) pays only on big blocks."""
+    containers often keep small; and starting them pays only on big blocks."""
     if wanted <= 0 or voxels < PARALLEL_MIN_VOXELS:
         return 0
     try:
@@ -65,9 +66,6 @@ def helpers_fit(voxels: int, wanted: int) -> int:
     except OSError:
         return 0
     return wanted if free > 1.25 * 8 * voxels else 0
-
-
-PARALLEL_MIN_VOXELS = 128**3
 
 
 def forge(labels: np.ndarray, anisotropy, teasar_params: dict, dust_threshold: int = 1000,

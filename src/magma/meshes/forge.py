@@ -109,16 +109,16 @@ def _simplified(mesher, block: np.ndarray, reduction_factor: int, max_error: flo
         return [(i, zmesh.Mesh(*get(i), id=i)) for i in ids]
     uniq, counts = fastremap.unique(block, return_counts=True)
     size = dict(zip(uniq.tolist(), counts.tolist()))
-    batches, current, held = [], [], 0
+    batches, current, held = [], [], 0  # (voxels, ids)
     for i in sorted(ids):
         current.append(i)
         held += size.get(i, 0)
         if held >= BATCH_VOXELS:
-            batches.append(current)
+            batches.append((held, current))
             current, held = [], 0
     if current:
-        batches.append(current)
-    batches.sort(key=lambda b: -sum(size.get(i, 0) for i in b))  # biggest first: even shares
+        batches.append((held, current))
+    batches = [b for _, b in sorted(batches, key=lambda hb: -hb[0])]  # biggest first: even shares
     done = {}
     for result in cores.fork_each(lambda batch: [(i, get(i)) for i in batch], batches):
         done.update(result)

@@ -94,7 +94,8 @@ def find(params: dict, box: Bbox, paths: dict) -> dict:
     def read(piece):  # read and shrink one chunk-deep piece, in a fork: on idle cores side by side
         return shrink(vol.download(piece, mip=mip)[..., 0], params["layer_type"], mips)
 
-    image = np.concatenate(cores.fork_each(read, _z_pieces(box, int(vol.meta.chunk_size(mip)[2]), int(vol.meta.voxel_offset(mip)[2]))), axis=2)
+    pieces = _z_pieces(box, int(vol.meta.chunk_size(mip)[2]), int(vol.meta.voxel_offset(mip)[2]))
+    image = np.concatenate(cores.fork_each(read, pieces), axis=2)
     ratio = vol.meta.downsample_ratio(mip)
     whole0 = vol.meta.bounds(0)
     rois = []
