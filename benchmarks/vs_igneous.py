@@ -48,7 +48,9 @@ CHUNK = (128, 128, 64)
 RESOLUTION = (8, 8, 40)
 SEED = 7
 IGNEOUS_VERSION = "4.37.0"
-LAYERS = ("image", "seg", "copy", "eq", "ccl")
+LAYERS = ("image", "seg", "copy", "eq", "ccl", "aff", "quant", "ws", "agglo", "reordered")
+QUANTIZE_SHAPE = (512, 512, 64)   # both tools' quantize tasks (Igneous has no default)
+REMAP_SHAPE = (2048, 2048, 64)    # Igneous's remap default task shape
 
 
 # ---- dataset --------------------------------------------------------------------
@@ -97,6 +99,91 @@ def make_dataset(work: Path, scale: float, cores: int) -> dict:
     (folder / "done.json").write_text(json.dumps({"size": size, "seconds": time.time() - t0}))
     log(f"dataset {size} made in {time.time() - t0:.0f} s")
     return {"size": size, "paths": paths, "folder": folder}
+
+
+# ---- derived inputs (made once per scale, next to the dataset) ---------------------
+def _aff_block(args):
+    """3-channel float32 affinities of one block: high where a voxel and its lower
+    neighbour along x / y / z share a nonzero label, low across boundaries, plus noise."""
+    from cloudvolume import CloudVolume
+
+    seg, aff, lo, hi = args
+    src = CloudVolume(seg, progress=False)
+    pad = [max(0, a - 1) for a in lo]
+    lab = src[pad[0]:hi[0], pad[1]:hi[1], pad[2]:hi[2]][..., 0]
+    core = lab[tuple(slice(a - p, None) for a, p in zip(lo, pad))]
+    out = np.empty(core.shape + (3,), dtype=np.float32)
+    rng = np.random.default_rng([SEED, *lo])
+    for c in range(3):
+        lower = np.roll(lab, 1, axis=c)[tuple(slice(a - p, None) for a, p in zip(lo, pad))]
+        same = (core == lower) & (core != 0)
+        if lo[c] == 0:  # no neighbour below the volume's first plane
+            idx = [slice(None)] * 3
+            idx[c] = slice(0, 1)
+            same[tuple(idx)] = False
+        noise = rng.normal(0, 0.05, core.shape).astype(np.float32)
+        out[..., c] = np.clip(np.where(same, np.float32(0.9), np.float32(0.1)) + noise, 0, 1)
+    CloudVolume(aff, progress=False)[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = out
+    return int(core.size)
+
+
+def _unique_block(args):
+    import fastremap
+    from cloudvolume import CloudVolume
+
+    seg, lo, hi = args
+    return fastremap.unique(CloudVolume(seg, progress=False)[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+
+
+def _renumber_block(args):
+    import fastremap
+    from cloudvolume import CloudVolume
+
+    seg, ws, table, lo, hi = args
+    old, new = np.load(table)
+    lab = CloudVolume(seg, progress=False)[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    out = fastremap.remap(lab, dict(zip(old.tolist(), new.tolist())), preserve_missing_labels=False)
+    CloudVolume(ws, progress=False)[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = out
+    return int(lab.size)
+
+
+def make_derived(data: dict, name: str, cores: int) -> None:
+    """Inputs some ops need besides the image and segmentation: `aff`, float32
+    affinities (3 channels) for quantize; `ws`, the segmentation renumbered 1..N (a
+    watershed-like layer whose ids index a dense remap array, as Igneous's remap
+    needs) with `agglomeration.npy`, merging every three consecutive ids."""
+    from cloudvolume import CloudVolume
+
+    folder = data["folder"]
+    done = folder / f"{name}.done"
+    if name not in ("aff", "ws") or done.exists():
+        return
+    size, seg = data["size"], data["paths"]["seg"]
+    path = f"file://{folder}/{name}"
+    shutil.rmtree(folder / name, ignore_errors=True)
+    t0 = time.time()
+    boxes = list(synthetic.blocks(size))
+    with get_context("spawn").Pool(cores) as pool:
+        if name == "aff":
+            info = CloudVolume.create_new_info(3, "image", "float32", "raw", list(RESOLUTION), [0, 0, 0],
+                                               list(size), chunk_size=list(CHUNK))
+            CloudVolume(path, info=info).commit_info()
+            list(pool.imap_unordered(_aff_block, [(seg, path, lo, hi) for lo, hi in boxes]))
+        else:
+            labels = np.unique(np.concatenate(pool.map(_unique_block, [(seg, lo, hi) for lo, hi in boxes])))
+            labels = labels[labels != 0]
+            table = folder / "ws-table.npy"
+            np.save(table, np.stack([np.r_[0, labels], np.arange(len(labels) + 1)]).astype(np.uint64))
+            info = json.loads(json.dumps(CloudVolume(seg, progress=False).info))
+            CloudVolume(path, info=info).commit_info()
+            list(pool.imap_unordered(_renumber_block, [(seg, path, str(table), lo, hi) for lo, hi in boxes]))
+            table.unlink()
+            ids = np.arange(len(labels) + 1, dtype=np.uint64)
+            dense = (ids + 2) // 3  # 1,2,3 -> 1; 4,5,6 -> 2; ...; 0 stays 0
+            np.save(folder / "agglomeration.npy", dense)  # Igneous: value at index old
+            np.save(folder / "agglomeration-pairs.npy", np.stack([ids, dense], axis=1))  # magma: [old, new] rows
+    done.write_text(json.dumps({"seconds": time.time() - t0}))
+    log(f"{name} made in {time.time() - t0:.0f} s")
 
 
 # ---- measuring a command ----------------------------------------------------------
@@ -206,6 +293,43 @@ def ops(num_mips: int) -> dict:
             "igneous": lambda p, n: [["skeleton", "forge", p["seg"]], ["skeleton", "merge", p["seg"]]],
             "magma": {"op": "skeleton", "layer": "seg"},
         },
+        # Igneous's CLI has no quantize or remap command: its Python task creators run in a
+        # LocalTaskQueue, as its CLI runs every other op (`igneous -p N` does the same)
+        "quantize": {
+            "inputs": [], "shared": ["aff"], "compare": [("quant", 0)],
+            "igneous_py": lambda p, n: (
+                f"tasks = tc.create_quantize_tasks({p['aff']!r}, {p['quant']!r}, shape={QUANTIZE_SHAPE!r}, mip=0)\n"
+                f"LocalTaskQueue(parallel={n}, progress=False).insert_all(tasks)\n"),
+            "magma": {"op": "quantize", "src": "aff", "dest": "quant", "shape": list(QUANTIZE_SHAPE)},
+        },
+        "remap": {
+            "inputs": [], "shared": ["ws"], "compare": [("agglo", 0)],
+            "igneous_py": lambda p, n: (
+                "shutil.rmtree('/tmp/WatershedRemapTask', ignore_errors=True)  # its cache of the map file\n"
+                "import igneous.downsample_scales as ds, igneous.task_creation.obsolete as ob\n"
+                "import igneous.tasks.image.obsolete as tob, igneous.tasks.image.image as timg\n"
+                "# two names Igneous 4.37.0's (obsolete) remap modules use but do not import;\n"
+                "# supplied here, before the queue forks its workers\n"
+                "ob.downsample_scales, tob.downsample_and_upload = ds, timg.downsample_and_upload\n"
+                f"CloudVolume({p['agglo']!r}, info=CloudVolume({p['ws']!r}).info).commit_info()\n"
+                f"tasks = tc.create_watershed_remap_tasks({p['map'] + '/agglomeration.npy'!r}, {p['ws']!r}, "
+                f"{p['agglo']!r}, shape={REMAP_SHAPE!r})\n"
+                "tasks.on_finish = lambda: None  # its provenance record fails (names it lacks, numpy ints)\n"
+                "# its tasks build one mip more than its info declares (mips from the 64^3 chunks of mip 1,\n"
+                "# scales from the 128^3 of mip 0): declare that one too, else every task fails at its top\n"
+                f"ds.add_scales({p['agglo']!r}, len(CloudVolume({p['agglo']!r}).info['scales']) - 1, 1,"
+                " preserve_chunk_size=False).commit_info()\n"
+                f"LocalTaskQueue(parallel={n}, progress=False).insert_all(tasks)\n"),
+            "magma": lambda p: {"op": "remap", "src": "ws", "dest": "agglo", "shape": list(REMAP_SHAPE),
+                                "mapping_file": p["map"].removeprefix("file://") + "/agglomeration-pairs.npy"},
+        },
+        "reorder": {
+            "inputs": ["image"], "compare": [("reordered", 0)], "floors": False,
+            "igneous": lambda p, n: [["image", "reorder", p["image"], p["reordered"],
+                                      "--mapping-file", p["reorder_json"]]],
+            "magma": lambda p: {"op": "reorder", "src": "image", "dest": "reordered",
+                                "mapping_file": p["reorder_json"]},
+        },
         # sharded output: Igneous merges each shard in one task; the floors are those of the
         # unsharded rows (same kernel), so they are not measured again
         "mesh sharded": {
@@ -223,35 +347,46 @@ def ops(num_mips: int) -> dict:
     }
 
 
-def magma_ops() -> set:
-    from magma import config
-
-    return set(config.implemented_ops(config.load_schema()))
-
-
 def run_paths(folder: Path) -> dict:
     return {name: f"file://{folder}/{name}" for name in LAYERS}
 
 
 def fresh_copy(data: dict, op: dict, folder: Path) -> dict:
+    """Copies of the op's input layers (links to the read-only ones) and the paths both
+    tools get: every layer, the dataset folder (`map`) and a z-reversing reorder mapping."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for name in op["inputs"]:
         shutil.copytree(data["folder"] / name, folder / name)
-    return run_paths(folder)
+    for name in op.get("shared", []):
+        (folder / name).symlink_to(data["folder"] / name)
+    nz = int(data["size"][2])
+    (folder / "reorder.json").write_text(json.dumps({str(z): nz - 1 - z for z in range(nz)}))
+    return dict(run_paths(folder), map=f"file://{data['folder']}", reorder_json=str(folder / "reorder.json"))
+
+
+IGNEOUS_PY = ("import shutil\nfrom cloudvolume import CloudVolume\nfrom taskqueue import LocalTaskQueue\n"
+              "import igneous.task_creation as tc\n")
+
+
+def igneous_commands(igneous: str, op: dict, paths: dict, cores: int) -> list:
+    if "igneous_py" in op:
+        return [[str(Path(igneous).parent / "python"), "-c", IGNEOUS_PY + op["igneous_py"](paths, cores)]]
+    return [[igneous, "-p", str(cores), *args] for args in op["igneous"](paths, cores)]
 
 
 def run_igneous(igneous: str, op: dict, paths: dict, cores: int, folder: Path) -> dict:
     total = {"wall": 0.0, "cpu": 0.0, "rss": 0, "rc": 0}
-    for i, args in enumerate(op["igneous"](paths, cores)):
-        m = measure([igneous, "-p", str(cores), *args], folder / f"igneous-{i}.log", folder)
+    for i, argv in enumerate(igneous_commands(igneous, op, paths, cores)):
+        m = measure(argv, folder / f"igneous-{i}.log", folder)
         total = {"wall": total["wall"] + m["wall"], "cpu": total["cpu"] + m["cpu"],
                  "rss": max(total["rss"], m["rss"]), "rc": total["rc"] or m["rc"]}
     return total
 
 
 def run_magma(op: dict, paths: dict, cores: int, folder: Path) -> dict:
-    cfg = {"layers": {k: v for k, v in paths.items()}, "steps": {"bench": dict(op["magma"])},
+    step = op["magma"](paths) if callable(op["magma"]) else dict(op["magma"])
+    cfg = {"layers": {k: paths[k] for k in LAYERS}, "steps": {"bench": step},
            "execution": {"threads": cores, "report": False, "run_dir": str(folder / "run")}}
     cfgfile = folder / "magma.yaml"
     cfgfile.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -444,6 +579,16 @@ def kernel(name: str, arr: np.ndarray, k: int, resolution) -> list:
             cdf = np.cumsum(hist) / max(1, hist.sum())
             out[:, :, z, 0] = (cdf * 255).astype(np.uint8)[arr[:, :, z, 0]]
         return [(0, out)]
+    if name == "quantize":
+        q = (arr[..., :1] * np.float32(255.0)).astype(np.uint8)
+        return [(0, q)] + list(enumerate(tinybrain.downsample_with_averaging(q, (2, 2, 1), num_mips=k), start=1))
+    if name == "remap":
+        import fastremap
+
+        ids = fastremap.unique(arr)
+        # the benchmark's map; in place, as magma's tasks do (the array is not needed after)
+        out = fastremap.remap(arr, dict(zip(ids.tolist(), ((ids + 2) // 3).tolist())), in_place=True)
+        return [(0, out)] + list(enumerate(tinybrain.downsample_segmentation(out, (2, 2, 1), num_mips=k), start=1))
     if name == "ccl":
         import cc3d
 
@@ -495,10 +640,11 @@ def floors(name: str, src: str, made: str, scratch: Path) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     vin = CloudVolume(src, progress=False)
     _ = vin[vin.bounds]
+    del _  # an 8.6 GB input and its remapped copy would not both fit beside this
     for mip, parts in writes.items():
         out = CloudVolume(dest, mip=mip, progress=False)
         size = out.bounds.size3()
-        data = np.concatenate(parts, axis=2)[: size[0], : size[1], : size[2]]
+        data = (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2))[: size[0], : size[1], : size[2]]
         out[out.bounds] = data.astype(out.dtype, copy=False)
     io_s, io_cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(scratch, ignore_errors=True)
@@ -533,9 +679,6 @@ def table(rows: list) -> str:
             "peak PSS MB (ign / magma)", "files (ign / magma + bookkeeping)", "magma jobs (task s)", "outputs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        if r.get("skipped"):
-            lines.append(f"| {r['op']} | | | | | | | | | skipped: {r['what']} |")
-            continue
         if r.get("floor"):
             lines.append(f"| {r['op']} | {r['cores']} | | {fmt_s(r['wall'])} | | {fmt_s(r.get('cpu'))} | | | | "
                          f"{r['what']} |")
@@ -607,13 +750,10 @@ def main(argv=None) -> int:
     all_ops = ops(args.num_mips)
     chosen = list(all_ops) if args.ops == "all" else [o.strip() for o in args.ops.split(",")]
     rows = []
-    available = magma_ops()
     for name in chosen:
         op = all_ops[name]
-        if op["magma"]["op"] not in available:
-            log(f"{name}: skipped, magma has no {op['magma']['op']} op yet")
-            rows.append({"skipped": True, "op": name, "what": f"magma has no `{op['magma']['op']}` op yet"})
-            continue
+        for layer in op.get("shared", []):
+            make_derived(data, layer, max(cores_list))
         slug = name.replace(" ", "_")
         for cores in cores_list:
             log(f"{name}, {cores} core(s)")
@@ -636,7 +776,7 @@ def main(argv=None) -> int:
             rows.append(row)
             if row["magma"]["rc"] == 0 and cores == cores_list[-1] and op.get("floors", True):
                 layer, _ = op["compare"][0]
-                src = run_paths(mag)[op["inputs"][0]]
+                src = run_paths(mag)[(op["inputs"] + op.get("shared", []))[0]]
                 fl = floors(name, src, f"file://{mag}/{layer}", work / "floor")
                 rows.append({"floor": True, "op": name, "cores": 1, "wall": fl["kernel"], "cpu": fl["kernel_cpu"],
                              "what": "floor: library kernel on the whole array, one process"})

@@ -13,6 +13,7 @@ from magma.ops.downsample import pyramid
 
 SEG_SHAPE = (150, 130, 20)
 MOVES = {"0": 5, "5": 0, "3": 4, "4": 3, "9": 11, "10": 9, "11": 10}
+HOLE = "32-64_64-96_8-16"  # a chunk of seg32_cs that is not written
 BLOCKS = [((32, 32, 2), (96, 96, 10)), ((160, 144, 0), (224, 208, 16))]  # tissue, mip 0, max exclusive
 
 
@@ -46,7 +47,13 @@ def run(tmp_path_factory):
     seg32 = (seg_data((64, 64, 16), 9) % np.uint64(1000)).astype(np.uint32)
     (root / "wide.json").write_text(json.dumps({"0": 3, str(int(seg32.max())): 2**40}))
     (root / "moves.json").write_text(json.dumps(MOVES))
+    seg32_cs = (seg_data(SEG_SHAPE, 6) % np.uint64(50)).astype(np.uint32)
+    (root / "holes.json").write_text(json.dumps({"0": 7, **{str(v): 1000 + v % 3 for v in range(1, 50)}}))
     layers = {
+        "seg_cs": make_layer(root / "seg_cs", seg, "segmentation", chunk=(32, 32, 8), offset=(16, 0, 4),
+                             encoding="compressed_segmentation"),
+        "seg32_cs": make_layer(root / "seg32_cs", seg32_cs, "segmentation", chunk=(32, 32, 8),
+                               encoding="compressed_segmentation"),
         "aff": make_layer(root / "aff", aff, "image", chunk=(32, 32, 8)),
         "seg": make_layer(root / "seg", seg, "segmentation", chunk=(32, 32, 8)),
         "img": make_layer(root / "img", img, "image", chunk=(32, 32, 4)),
@@ -54,12 +61,19 @@ def run(tmp_path_factory):
         "tissue": make_layer(root / "tissue", tissue(), "image", chunk=(32, 32, 8), offset=(64, 0, 0)),
         "tissue2": make_layer(root / "tissue2", tissue(), "image", chunk=(32, 32, 8)),
     }
-    for name in ("q", "agglo", "wide", "reordered"):
+    (root / "seg32_cs" / "8_8_40" / f"{HOLE}.gz").unlink()  # a missing chunk, read as 0 (fill_missing)
+    seg32_cs[32:64, 64:96, 8:16] = 0
+    for name in ("q", "agglo", "wide", "reordered", "agglo_cs", "holes_cs"):
         layers[name] = f"file://{root / name}"
     steps = {
         "quantize": dict(op="quantize", src="aff", dest="q", chunk_size=[64, 64, 8], shape=[128, 128, 8]),
         "agglomerate": dict(op="remap", src="seg", dest="agglo", mapping_file=str(root / "agglo.npy"),
                             shape=[64, 64, 8], encoding="compresso"),
+        # compressed_segmentation in and out, same chunks: relabeled in the chunks' lookup tables
+        "agglo_tables": dict(op="remap", src="seg_cs", dest="agglo_cs", mapping_file=str(root / "agglo.npy"),
+                             shape=[64, 64, 8]),
+        "holes": dict(op="remap", src="seg32_cs", dest="holes_cs", mapping_file=str(root / "holes.json"),
+                      shape=[64, 64, 16], fill_missing=True),
         "widen": dict(op="remap", src="seg32", dest="wide", mapping_file=f"file://{root}/wide.json",
                       data_type="uint64", shape=[64, 64, 8]),
         "reorder": dict(op="reorder", src="img", dest="reordered", mapping_file=str(root / "moves.json"),
@@ -75,7 +89,7 @@ def run(tmp_path_factory):
     snakemake(work, cfgfile)
     again = snakemake(work, cfgfile, "-n")  # planning after the run (rois now in the info) changes nothing
     assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-3000:]
-    return root, layers, dict(aff=aff, seg=seg, img=img, pairs=pairs, seg32=seg32), workflow.plan(
+    return root, layers, dict(aff=aff, seg=seg, img=img, pairs=pairs, seg32=seg32, seg32_cs=seg32_cs), workflow.plan(
         {"layers": layers, "steps": steps})
 
 
@@ -104,6 +118,41 @@ def test_remap_npy_equals_numpy(run):
     np.testing.assert_array_equal(read(layers["agglo"]), want)
     np.testing.assert_array_equal(read(layers["agglo"], 1), pyramid(want, "mode", (2, 2, 1), 1)[0])
     assert CloudVolume(layers["agglo"], progress=False).info["scales"][0]["encoding"] == "compresso"
+
+
+def test_remap_in_lookup_tables_equals_numpy(run):
+    """compressed_segmentation chunks relabeled without decoding: the same voxels, and mips
+    from the relabeled voxels, at an offset, with clipped edge chunks."""
+    _, layers, data, plan = run
+    assert plan.steps["agglo_tables"].stages[0].params["tables"] is True
+    assert plan.steps["agglomerate"].stages[0].params["tables"] is False  # compresso out
+    want = remap_numpy(data["seg"], {int(a): int(b) for a, b in data["pairs"]}, np.uint64)
+    vol = CloudVolume(layers["agglo_cs"], progress=False)
+    assert vol.info["scales"][0]["encoding"] == "compressed_segmentation"
+    assert list(vol.voxel_offset) == [16, 0, 4] and len(vol.info["scales"]) == 2
+    np.testing.assert_array_equal(read(layers["agglo_cs"]), want)
+    np.testing.assert_array_equal(read(layers["agglo_cs"], 1), pyramid(want, "mode", (2, 2, 1), 1)[0])
+
+
+def test_remap_in_lookup_tables_fills_a_missing_chunk(run):
+    _, layers, data, plan = run
+    assert plan.steps["holes"].stages[0].params["tables"] is True
+    table = {0: 7, **{v: 1000 + v % 3 for v in range(1, 50)}}
+    want = remap_numpy(data["seg32_cs"], table, np.uint32)
+    assert np.all(want[32:64, 64:96, 8:16] == 7)
+    np.testing.assert_array_equal(read(layers["holes_cs"]), want)
+    np.testing.assert_array_equal(read(layers["holes_cs"], 1), pyramid(want, "mode", (2, 2, 1), 1)[0])
+
+
+def test_remap_changing_the_label_type_decodes_instead(tmp_path):
+    seg = (seg_data((96, 96, 16), 2) % np.uint64(90)).astype(np.uint32)
+    url = make_layer(tmp_path / "s", seg, "segmentation", chunk=(32, 32, 8), encoding="compressed_segmentation")
+    (tmp_path / "m.json").write_text(json.dumps({"1": 2}))
+    steps = {"r": dict(op="remap", src="s", dest="d", mapping_file=str(tmp_path / "m.json"), shape=[32, 32, 8])}
+    lay = {"s": url, "d": f"file://{tmp_path}/d"}
+    assert workflow.plan({"layers": lay, "steps": steps}).steps["r"].stages[0].params["tables"] is True
+    steps["r"]["data_type"] = "uint64"  # table entries change width: every voxel is re-encoded
+    assert workflow.plan({"layers": lay, "steps": steps}).steps["r"].stages[0].params["tables"] is False
 
 
 def test_remap_json_into_wider_type(run):

@@ -11,19 +11,23 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import os
 
+import compressed_segmentation as cseg
 import fastremap
 import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 
-from .. import layers
+from .. import cseg_tables, layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
+from .downsample import write_mips
 from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 
+log = logging.getLogger("magma")
 INTEGER_TYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64")
 
 
@@ -131,7 +135,8 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     params = {"src": p["src"], "dest": p["dest"], "mip": mip, "num_mips": k, "fill_missing": p["fill_missing"],
               "compress": file_compression(p["compress"], info["scales"][mip]["encoding"]),
               "mapping_file": path, "mapping_sha256": digest, "data_type": dtype,
-              "preserve_missing_labels": p["preserve_missing_labels"]}
+              "preserve_missing_labels": p["preserve_missing_labels"],
+              "tables": tables_only(src, info, mip, box, shape)}
     step = StepPlan(name, "remap", p, writes=[p["dest"]], sources=[p["src"]])
     # the block, its relabeled copy, its mips, and the mapping as a dict (~100 B a pair)
     task_bytes = float(np.prod(shape)) * width * 3 + 100.0 * old.size
@@ -152,16 +157,81 @@ def relabel(image: np.ndarray, table: dict, dtype, preserve_missing_labels: bool
     return fastremap.remap(image, table, preserve_missing_labels=preserve_missing_labels, in_place=True)
 
 
-def run_task(params: dict, box: Bbox, paths: dict) -> dict:
+def tables_only(src: dict, dest: dict, mip: int, box: Bbox, shape) -> bool:
+    """Whether tasks can relabel the source's compressed_segmentation chunks in their
+    lookup tables (cseg_tables) instead of decoding and re-encoding every voxel: the same
+    codec, block size, chunk grid and label width on both sides, and tasks of whole chunks."""
+    a, b = src["scales"][mip], dest["scales"][mip]
+    if a["encoding"] != "compressed_segmentation" or b["encoding"] != a["encoding"] or "sharding" in a:
+        return False
+    if src["data_type"] != dest["data_type"] or np.dtype(src["data_type"]) not in cseg_tables.WIDTH:
+        return False
+    if any(a.get(key) != b.get(key) for key in ("chunk_sizes", "voxel_offset", "size",
+                                                "compressed_segmentation_block_size")):
+        return False
+    meta = layers.meta(src)
+    chunk, offset, end = meta.chunk_size(mip), meta.voxel_offset(mip), meta.bounds(mip).maxpt
+    aligned = lambda v: np.all(((v - offset) % chunk == 0) | (v == end))  # noqa: E731
+    return bool(aligned(box.minpt) and aligned(box.maxpt) and np.all(np.asarray(shape) % chunk == 0))
+
+
+def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict) -> None:
+    """Write the task's mip chunks relabeled in their lookup tables (see tables_only)."""
+    from cloudvolume.datasource.precomputed.common import content_type, should_compress
+    from cloudvolume.lib import xyzrange
+
     mip = params["mip"]
+    src = open_volume(paths[params["src"]], mip)
+    meta = src.meta
+    chunk, end = meta.chunk_size(mip), meta.bounds(mip).maxpt
+    keys, boxes = [], []
+    for lo in xyzrange(box.minpt, box.maxpt, chunk):
+        hi = np.minimum(lo + chunk, end)
+        boxes.append(Bbox(lo, hi))
+        keys.append(meta.join(meta.key(mip), boxes[-1].to_filename()))
+    block = meta.compressed_segmentation_block_size(mip)
+    dtype = np.dtype(params["data_type"])
+    keep = params["preserve_missing_labels"]
+    files = []
+    for key, chunk_box, got in zip(keys, boxes, CloudFiles(paths[params["src"]]).get(keys)):
+        if got["content"] is None:
+            if got["error"] is not None or not params["fill_missing"]:
+                raise MagmaError(f"remap: chunk {key} of {paths[params['src']]} is missing"
+                                 f" ({got['error'] or 'no such file'}); set fill_missing: true to read it as 0")
+            zeros = np.zeros(tuple(chunk_box.size3()) + (1,), dtype=dtype, order="F")
+            got["content"] = cseg.compress(zeros, block_size=block, order="F")
+        shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
+        files.append((key, cseg_tables.relabel_chunk(
+            got["content"], shape, block, dtype,
+            lambda v: fastremap.remap(v, table, preserve_missing_labels=keep, in_place=True))))
+    CloudFiles(paths[params["dest"]]).puts(
+        files, content_type=content_type("compressed_segmentation"),
+        compress=should_compress("compressed_segmentation", compress_arg(params["compress"]), None))
+
+
+def run_task(params: dict, box: Bbox, paths: dict) -> dict:
+    mip, k = params["mip"], params["num_mips"]
     table = _table(params["mapping_file"], params["mapping_sha256"])
-    src = open_volume(paths[params["src"]], mip, fill_missing=params["fill_missing"])
-    dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
-    image = src.download(box, mip=mip)[..., 0]
+    tables = params.get("tables", False)
     try:
+        if tables:
+            try:
+                _relabel_chunks(params, box, paths, table)  # writes nothing unless every chunk relabels
+                written = int(np.prod(box.size3()))
+            except cseg_tables.Unsupported as exc:
+                log.warning(f"remap: {box.to_filename()}: {exc}; decoding the voxels instead")
+                tables = False
+            if tables and not k:
+                return {"voxels_read": written, "voxels_written": written}
+        src = open_volume(paths[params["src"]], mip, fill_missing=params["fill_missing"])
+        dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
+        image = src.download(box, mip=mip)[..., 0]
         out = relabel(image, table, params["data_type"], params["preserve_missing_labels"])
     except KeyError as exc:
         raise MagmaError(f"remap: label {exc.args[0]} in {box.minpt.tolist()}..{box.maxpt.tolist()} is not in"
                          f" {params['mapping_file']} (preserve_missing_labels is false)") from None
-    written = _derived.write_block(dest, out, box, mip, params["num_mips"], "mode")
+    if tables:  # mip written above: only the mips from the relabeled voxels
+        written += write_mips(dest, out, box, mip, k, "mode", _derived.FACTOR, False)
+    else:
+        written = _derived.write_block(dest, out, box, mip, k, "mode")
     return {"voxels_read": int(image.size), "voxels_written": written}
