@@ -536,7 +536,7 @@ def compare(a: str, b: str, first_mip: int) -> str:
 
     va, vb = CloudVolume(a, progress=False), CloudVolume(b, progress=False)
     na, nb = len(va.info["scales"]), len(vb.info["scales"])
-    notes = [] if na == nb else [f"mips {na} vs {nb}"]
+    notes = []
     differ, total = 0, 0
     for mip in range(first_mip, min(na, nb)):
         sa, sb = va.meta.bounds(mip), vb.meta.bounds(mip)
@@ -553,7 +553,8 @@ def compare(a: str, b: str, first_mip: int) -> str:
             total += x.size
     if differ:
         notes.append(f"{differ} of {total} voxels differ ({differ / total:.2%})")
-    return "; ".join(notes) if notes else f"identical (mips {first_mip}-{min(na, nb) - 1})"
+    extra = "" if na == nb else f"; Igneous wrote {na} mips, magma {nb}"
+    return ("; ".join(notes) if notes else f"identical (mips {first_mip}-{min(na, nb) - 1})") + extra
 
 
 # ---- floors ------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def run(tmp_path_factory):
     seg32 = (seg_data((64, 64, 16), 9) % np.uint64(1000)).astype(np.uint32)
     (root / "wide.json").write_text(json.dumps({"0": 3, str(int(seg32.max())): 2**40}))
     (root / "moves.json").write_text(json.dumps(MOVES))
-    seg32_cs = (seg_data(SEG_SHAPE, 6) % np.uint64(50)).astype(np.uint32)
+    seg32_cs = (seg_data((151, 133, 20), 6) % np.uint64(50)).astype(np.uint32)  # odd edges
     (root / "holes.json").write_text(json.dumps({"0": 7, **{str(v): 1000 + v % 3 for v in range(1, 50)}}))
     layers = {
         "seg_cs": make_layer(root / "seg_cs", seg, "segmentation", chunk=(32, 32, 8), offset=(16, 0, 4),
@@ -73,7 +73,7 @@ def run(tmp_path_factory):
         "agglo_tables": dict(op="remap", src="seg_cs", dest="agglo_cs", mapping_file=str(root / "agglo.npy"),
                              shape=[64, 64, 8]),
         "holes": dict(op="remap", src="seg32_cs", dest="holes_cs", mapping_file=str(root / "holes.json"),
-                      shape=[64, 64, 16], fill_missing=True),
+                      shape=[128, 128, 16], fill_missing=True),
         "widen": dict(op="remap", src="seg32", dest="wide", mapping_file=f"file://{root}/wide.json",
                       data_type="uint64", shape=[64, 64, 8]),
         "reorder": dict(op="reorder", src="img", dest="reordered", mapping_file=str(root / "moves.json"),
@@ -141,7 +141,10 @@ def test_remap_in_lookup_tables_fills_a_missing_chunk(run):
     want = remap_numpy(data["seg32_cs"], table, np.uint32)
     assert np.all(want[32:64, 64:96, 8:16] == 7)
     np.testing.assert_array_equal(read(layers["holes_cs"]), want)
-    np.testing.assert_array_equal(read(layers["holes_cs"], 1), pyramid(want, "mode", (2, 2, 1), 1)[0])
+    mips = pyramid(want, "mode", (2, 2, 1), 2)  # made chunk by chunk, equal to the whole array's
+    assert len(CloudVolume(layers["holes_cs"], progress=False).info["scales"]) == 3
+    np.testing.assert_array_equal(read(layers["holes_cs"], 1), mips[0])
+    np.testing.assert_array_equal(read(layers["holes_cs"], 2), mips[1])
 
 
 def test_remap_changing_the_label_type_decodes_instead(tmp_path):

@@ -24,7 +24,7 @@ from .. import cseg_tables, layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
-from .downsample import write_mips
+from .downsample import pyramid, write_mips
 from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 
 log = logging.getLogger("magma")
@@ -175,63 +175,85 @@ def tables_only(src: dict, dest: dict, mip: int, box: Bbox, shape) -> bool:
     return bool(aligned(box.minpt) and aligned(box.maxpt) and np.all(np.asarray(shape) % chunk == 0))
 
 
-def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict) -> None:
-    """Write the task's mip chunks relabeled in their lookup tables (see tables_only)."""
+def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int) -> list | None:
+    """Write the task's chunks relabeled in their lookup tables (see tables_only). With
+    `mips`, also decode each relabeled chunk and downsample it alone (chunks are whole
+    pooling windows), returning the task's mip images: no task-sized array is made."""
     from cloudvolume.datasource.precomputed.common import content_type, should_compress
     from cloudvolume.lib import xyzrange
 
     mip = params["mip"]
-    src = open_volume(paths[params["src"]], mip)
-    meta = src.meta
+    meta = open_volume(paths[params["src"]], mip).meta
     chunk, end = meta.chunk_size(mip), meta.bounds(mip).maxpt
-    keys, boxes = [], []
-    for lo in xyzrange(box.minpt, box.maxpt, chunk):
-        hi = np.minimum(lo + chunk, end)
-        boxes.append(Bbox(lo, hi))
-        keys.append(meta.join(meta.key(mip), boxes[-1].to_filename()))
+    boxes = [Bbox(lo, np.minimum(lo + chunk, end)) for lo in xyzrange(box.minpt, box.maxpt, chunk)]
+    keys = [meta.join(meta.key(mip), b.to_filename()) for b in boxes]
     block = meta.compressed_segmentation_block_size(mip)
     dtype = np.dtype(params["data_type"])
     keep = params["preserve_missing_labels"]
+    scales = [np.asarray(_derived.FACTOR) ** i for i in range(1, mips + 1)]
+    out = [np.zeros(tuple(-(-box.size3() // f)) + (1,), dtype=dtype, order="F") for f in scales]
     files = []
     for key, chunk_box, got in zip(keys, boxes, CloudFiles(paths[params["src"]]).get(keys)):
+        shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
         if got["content"] is None:
             if got["error"] is not None or not params["fill_missing"]:
                 raise MagmaError(f"remap: chunk {key} of {paths[params['src']]} is missing"
                                  f" ({got['error'] or 'no such file'}); set fill_missing: true to read it as 0")
-            zeros = np.zeros(tuple(chunk_box.size3()) + (1,), dtype=dtype, order="F")
-            got["content"] = cseg.compress(zeros, block_size=block, order="F")
-        shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
-        files.append((key, cseg_tables.relabel_chunk(
-            got["content"], shape, block, dtype,
-            lambda v: fastremap.remap(v, table, preserve_missing_labels=keep, in_place=True))))
+            got["content"] = cseg.compress(np.zeros(shape, dtype=dtype, order="F"), block_size=block, order="F")
+        data = cseg_tables.relabel_chunk(got["content"], shape, block, dtype,
+                                         lambda v: fastremap.remap(v, table, preserve_missing_labels=keep,
+                                                                   in_place=True))
+        files.append((key, data))
+        if mips:
+            labels = cseg.decompress(data, shape, dtype, block_size=block, order="F")
+            at = chunk_box.minpt - box.minpt
+            for f, img, dst in zip(scales, pyramid(labels, "mode", _derived.FACTOR, mips), out):
+                lo = at // f
+                dst[lo[0]:lo[0] + img.shape[0], lo[1]:lo[1] + img.shape[1], lo[2]:lo[2] + img.shape[2]] = img
     CloudFiles(paths[params["dest"]]).puts(
         files, content_type=content_type("compressed_segmentation"),
         compress=should_compress("compressed_segmentation", compress_arg(params["compress"]), None))
+    return out
+
+
+def _chunk_mips(params: dict, meta, k: int) -> int:
+    """k when every chunk is a whole number of k-mip pooling windows (the mips can be made
+    chunk by chunk), else 0 (they are made from the decoded task)."""
+    chunk = meta.chunk_size(params["mip"])
+    return k if np.all(chunk % (np.asarray(_derived.FACTOR) ** k) == 0) else 0
 
 
 def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     mip, k = params["mip"], params["num_mips"]
     table = _table(params["mapping_file"], params["mapping_sha256"])
     tables = params.get("tables", False)
+    voxels = int(np.prod(box.size3()))
+    dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
     try:
         if tables:
+            by_chunk = _chunk_mips(params, dest.meta, k)
             try:
-                _relabel_chunks(params, box, paths, table)  # writes nothing unless every chunk relabels
-                written = int(np.prod(box.size3()))
+                mips = _relabel_chunks(params, box, paths, table, by_chunk)  # writes only if every chunk relabels
             except cseg_tables.Unsupported as exc:
                 log.warning(f"remap: {box.to_filename()}: {exc}; decoding the voxels instead")
                 tables = False
-            if tables and not k:
-                return {"voxels_read": written, "voxels_written": written}
+            else:
+                if by_chunk == k:
+                    written = voxels
+                    for i, img in enumerate(mips, start=1):
+                        lo = box.minpt // (np.asarray(_derived.FACTOR) ** i)
+                        dest.mip = mip + i
+                        dest[Bbox(lo, lo + img.shape[:3])] = img
+                        written += int(np.prod(img.shape[:3]))
+                    return {"voxels_read": voxels, "voxels_written": written}
         src = open_volume(paths[params["src"]], mip, fill_missing=params["fill_missing"])
-        dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
         image = src.download(box, mip=mip)[..., 0]
         out = relabel(image, table, params["data_type"], params["preserve_missing_labels"])
     except KeyError as exc:
         raise MagmaError(f"remap: label {exc.args[0]} in {box.minpt.tolist()}..{box.maxpt.tolist()} is not in"
                          f" {params['mapping_file']} (preserve_missing_labels is false)") from None
-    if tables:  # mip written above: only the mips from the relabeled voxels
-        written += write_mips(dest, out, box, mip, k, "mode", _derived.FACTOR, False)
+    if tables:  # mip written above: the mips from the relabeled voxels
+        written = voxels + write_mips(dest, out, box, mip, k, "mode", _derived.FACTOR, False)
     else:
         written = _derived.write_block(dest, out, box, mip, k, "mode")
-    return {"voxels_read": int(image.size), "voxels_written": written}
+    return {"voxels_read": voxels, "voxels_written": written}
