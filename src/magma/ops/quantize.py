@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from cloudvolume import Bbox
 
-from .. import layers
+from .. import chunk_files, layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
@@ -53,6 +53,11 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     mip = params["mip"]
     src = open_volume(paths[params["src"]], mip, fill_missing=params["fill_missing"])
     dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
-    image = src.download(box, mip=mip)[..., 0]  # the first channel (x affinity), as Igneous
+    meta = src.meta
+    if meta.encoding(mip) == "raw" and meta.num_channels > 1 and not meta.sharding(mip):
+        # the first channel (x affinity) only, as Igneous uses, without inflating the others
+        image = chunk_files.read_channel(paths[params["src"]], meta, mip, box, 0, params["fill_missing"])
+    else:
+        image = src.download(box, mip=mip)[..., 0]
     written = _derived.write_block(dest, quantize(image), box, mip, params["num_mips"], "avg")
     return {"voxels_read": int(image.size), "voxels_written": written}

@@ -1,0 +1,72 @@
+"""The chunk files behind a box of a Precomputed scale, and reading one channel of a
+raw-encoded layer without decoding the others.
+
+A raw chunk holds its voxels in x, y, z, channel order (Fortran), so channel 0 is
+the first third of a 3-channel affinity chunk. Inflating a gzip stream can stop
+there: quantize reads a third of what CloudVolume would decode.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from cloudfiles import CloudFiles
+from cloudfiles.compression import decompress
+from cloudvolume import Bbox
+from cloudvolume.lib import xyzrange
+
+from .errors import MagmaError
+
+
+def chunks_in(meta, mip: int, box: Bbox) -> list[tuple[str, Bbox]]:
+    """(file key, chunk box clipped to the volume) of every chunk `box` touches."""
+    chunk, offset = meta.chunk_size(mip), meta.voxel_offset(mip)
+    end = meta.bounds(mip).maxpt
+    start = offset + (box.minpt - offset) // chunk * chunk
+    out = []
+    for lo in xyzrange(start, box.maxpt, chunk):
+        cbox = Bbox(lo, np.minimum(lo + chunk, end))
+        out.append((meta.join(meta.key(mip), cbox.to_filename()), cbox))
+    return out
+
+
+def missing_chunk(key: str, path: str, error=None) -> MagmaError:
+    return MagmaError(f"chunk {key} of {path} is missing ({error or 'no such file'});"
+                      " set fill_missing: true to read it as 0")
+
+
+def _prefix(got: dict, nbytes: int) -> bytes:
+    """The first `nbytes` of a stored file's decompressed content."""
+    data, method = got["content"], (got.get("compress") or "").lower()
+    if method in ("", "none"):
+        return data[:nbytes]
+    if method == "gzip":
+        return zlib.decompressobj(31).decompress(data, nbytes)  # stops once it has nbytes
+    return decompress(data, method)[:nbytes]
+
+
+def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_missing: bool = False) -> np.ndarray:
+    """Channel `channel` of `box` (x, y, z; Fortran order) from a raw-encoded scale."""
+    if meta.encoding(mip) != "raw":
+        raise ValueError(f"read_channel reads raw chunks, not {meta.encoding(mip)}")
+    dtype = np.dtype(meta.data_type).newbyteorder("<")
+    out = np.zeros(tuple(box.size3()), dtype=dtype, order="F")
+    chunks = chunks_in(meta, mip, box)
+    files = CloudFiles(path).get([key for key, _ in chunks], raw=True)
+    for (key, cbox), got in zip(chunks, files):
+        if got["content"] is None:
+            if got["error"] is not None or not fill_missing:
+                raise missing_chunk(key, path, got["error"])
+            continue
+        size = tuple(cbox.size3())
+        per_channel = int(np.prod(size)) * dtype.itemsize
+        data = _prefix(got, per_channel * (channel + 1))[per_channel * channel:]
+        if len(data) != per_channel:
+            raise MagmaError(f"chunk {key} of {path} holds {len(data)} bytes of channel {channel};"
+                             f" a {size} chunk needs {per_channel}")
+        block = np.frombuffer(data, dtype=dtype).reshape(size, order="F")
+        part = Bbox.intersection(cbox, box)
+        src = tuple(slice(a, b) for a, b in zip(part.minpt - cbox.minpt, part.maxpt - cbox.minpt))
+        dst = tuple(slice(a, b) for a, b in zip(part.minpt - box.minpt, part.maxpt - box.minpt))
+        out[dst] = block[src]
+    return out.astype(dtype.newbyteorder("="), copy=False)

@@ -1,0 +1,47 @@
+"""Reading one channel of a raw layer from the chunk files equals CloudVolume's download
+of that channel: gzip and uncompressed files, boxes that cut chunks, edge chunks, missing
+chunks (an error naming the chunk, or zeros with fill_missing)."""
+import numpy as np
+import pytest
+from cloudvolume import Bbox, CloudVolume
+
+from conftest import make_layer
+from magma import chunk_files
+from magma.errors import MagmaError
+
+
+@pytest.fixture(scope="module", params=["gzip", "none"])
+def layer(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chunks")
+    data = np.random.default_rng(3).random((70, 50, 21, 3), dtype=np.float32)
+    url = make_layer(root / "aff", data, "image", chunk=(32, 32, 8), offset=(5, 0, 3))
+    if request.param == "none":
+        vol = CloudVolume(url, progress=False, compress=False)
+        vol[vol.bounds] = data  # rewritten uncompressed
+        for f in (root / "aff" / "8_8_40").glob("*.gz"):
+            f.unlink()
+    return url, data, root
+
+
+@pytest.mark.parametrize("box", [((5, 0, 3), (75, 50, 24)), ((17, 9, 4), (60, 41, 20)), ((36, 31, 10), (38, 33, 12))])
+@pytest.mark.parametrize("channel", [0, 2])
+def test_a_channel_equals_cloudvolume(layer, box, channel):
+    url, data, _ = layer
+    vol = CloudVolume(url, progress=False)
+    got = chunk_files.read_channel(url, vol.meta, 0, Bbox(*box), channel)
+    want = vol.download(Bbox(*box))[..., channel]
+    assert got.dtype == np.float32 and got.flags.f_contiguous
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_missing_chunk_is_named_or_zero(tmp_path):
+    data = np.random.default_rng(4).random((64, 64, 8, 2), dtype=np.float32)
+    url = make_layer(tmp_path / "a", data, "image", chunk=(32, 32, 8))
+    (tmp_path / "a" / "8_8_40" / "32-64_0-32_0-8.gz").unlink()
+    vol = CloudVolume(url, progress=False)
+    with pytest.raises(MagmaError, match="32-64_0-32_0-8"):
+        chunk_files.read_channel(url, vol.meta, 0, vol.bounds)
+    got = chunk_files.read_channel(url, vol.meta, 0, vol.bounds, fill_missing=True)
+    want = data[..., 0].copy()
+    want[32:64, 0:32] = 0
+    np.testing.assert_array_equal(got, want)
