@@ -20,7 +20,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 
-from .. import cseg_tables, layers
+from .. import chunk_files, cseg_tables, layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
@@ -180,25 +180,21 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
     `mips`, also decode each relabeled chunk and downsample it alone (chunks are whole
     pooling windows), returning the task's mip images: no task-sized array is made."""
     from cloudvolume.datasource.precomputed.common import content_type, should_compress
-    from cloudvolume.lib import xyzrange
 
     mip = params["mip"]
     meta = open_volume(paths[params["src"]], mip).meta
-    chunk, end = meta.chunk_size(mip), meta.bounds(mip).maxpt
-    boxes = [Bbox(lo, np.minimum(lo + chunk, end)) for lo in xyzrange(box.minpt, box.maxpt, chunk)]
-    keys = [meta.join(meta.key(mip), b.to_filename()) for b in boxes]
+    keys, boxes = zip(*chunk_files.chunks_in(meta, mip, box))
     block = meta.compressed_segmentation_block_size(mip)
     dtype = np.dtype(params["data_type"])
     keep = params["preserve_missing_labels"]
     scales = [np.asarray(_derived.FACTOR) ** i for i in range(1, mips + 1)]
     out = [np.zeros(tuple(-(-box.size3() // f)) + (1,), dtype=dtype, order="F") for f in scales]
     files = []
-    for key, chunk_box, got in zip(keys, boxes, CloudFiles(paths[params["src"]]).get(keys)):
+    for key, chunk_box, got in zip(keys, boxes, CloudFiles(paths[params["src"]]).get(list(keys))):
         shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
         if got["content"] is None:
             if got["error"] is not None or not params["fill_missing"]:
-                raise MagmaError(f"remap: chunk {key} of {paths[params['src']]} is missing"
-                                 f" ({got['error'] or 'no such file'}); set fill_missing: true to read it as 0")
+                raise chunk_files.missing_chunk(key, paths[params["src"]], got["error"])
             got["content"] = cseg.compress(np.zeros(shape, dtype=dtype, order="F"), block_size=block, order="F")
         data = cseg_tables.relabel_chunk(got["content"], shape, block, dtype,
                                          lambda v: fastremap.remap(v, table, preserve_missing_labels=keep,
