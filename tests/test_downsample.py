@@ -136,3 +136,36 @@ def test_sharded_downsample(tmp_path, workdir):
     mip2 = pyramid(mip1, "avg", (2, 2, 1), 1)[0]
     assert np.array_equal(read(url, 1), mip1)
     assert np.array_equal(read(url, 2), mip2)
+
+
+@pytest.mark.parametrize("method,sparse", [("avg", False), ("avg", True), ("mode", False), ("mode", True),
+                                           ("min", False), ("max", False), ("striding", False)])
+@pytest.mark.parametrize("shape", [(150, 130, 20), (151, 133, 19)])
+def test_mips_made_chunk_by_chunk_equal_the_whole_block(tmp_path, method, sparse, shape):
+    """The chunkwise path of a downsample task (each chunk's mips placed side by side) gives
+    the whole block's mips, odd volume edges included."""
+    from cloudvolume import Bbox, CloudVolume
+
+    from magma import chunk_files
+    from magma.ops.downsample import Pyramid, chunkwise
+
+    data = seg_data(shape, 1) if method in ("mode", "striding") else image_data(shape, 1)
+    if sparse:
+        data[::3] = 0
+    url = make_layer(tmp_path / "l", data, "image", chunk=(32, 32, 8), offset=(64, 0, 8))
+    meta = CloudVolume(url).meta
+    box = Bbox((64, 0, 8), np.asarray((64, 0, 8)) + shape)
+    assert chunkwise(meta, 0, box, 2, (2, 2, 1)) and not chunkwise(meta, 0, box, 6, (2, 2, 1))
+    pyr = Pyramid(box, 2, (2, 2, 1), data.dtype, 1, method, sparse)
+    for chunk, image in chunk_files.read_chunks(url, meta, 0, box):
+        pyr.add(image, chunk)
+    for got, want in zip(pyr.images, pyramid(data[..., None], method, (2, 2, 1), 2, sparse)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.uint64])
+def test_min_pooling_equals_numpy(dtype):
+    x = (np.random.default_rng(0).integers(0, 200, (16, 12, 3, 1)) - (90 if dtype == np.int16 else 0)).astype(dtype)
+    mip1, mip2 = pyramid(x, "min", (2, 2, 1), 2)
+    np.testing.assert_array_equal(mip1, x.reshape(8, 2, 6, 2, 3, 1).min(axis=(1, 3)))
+    np.testing.assert_array_equal(mip2, x.reshape(4, 4, 3, 4, 3, 1).min(axis=(1, 3)))

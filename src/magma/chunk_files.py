@@ -1,5 +1,6 @@
-"""The chunk files behind a box of a Precomputed scale, and reading one channel of a
-raw-encoded layer without decoding the others.
+"""The chunk files behind a box of a Precomputed scale: their names, their decoded
+voxels one chunk at a time, and one channel of a raw-encoded layer without decoding
+the others.
 
 A raw chunk holds its voxels in x, y, z, channel order (Fortran), so channel 0 is
 the first third of a 3-channel affinity chunk. Inflating a gzip stream can stop
@@ -13,6 +14,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from cloudfiles.compression import decompress
 from cloudvolume import Bbox
+from cloudvolume.chunks import decode
 from cloudvolume.lib import xyzrange
 
 from .errors import MagmaError
@@ -33,6 +35,25 @@ def chunks_in(meta, mip: int, box: Bbox) -> list[tuple[str, Bbox]]:
 def missing_chunk(key: str, path: str, error=None) -> MagmaError:
     return MagmaError(f"chunk {key} of {path} is missing ({error or 'no such file'});"
                       " set fill_missing: true to read it as 0")
+
+
+def read_chunks(path: str, meta, mip: int, box: Bbox, fill_missing: bool = False, background=0):
+    """(chunk box, decoded x, y, z, c voxels) of each chunk `box` touches, decoded one at a
+    time (the codec is CloudVolume's); a missing chunk is an error naming it, or
+    `background` with fill_missing."""
+    chunks = chunks_in(meta, mip, box)
+    files = CloudFiles(path).get([key for key, _ in chunks])
+    dtype = np.dtype(meta.data_type)
+    for i, ((key, cbox), got) in enumerate(zip(chunks, files)):
+        files[i] = None  # each compressed chunk is freed once decoded
+        shape = tuple(cbox.size3()) + (int(meta.num_channels),)
+        if got["content"] is None:
+            if got["error"] is not None or not fill_missing:
+                raise missing_chunk(key, path, got["error"])
+            yield cbox, np.full(shape, background, dtype=dtype, order="F")
+            continue
+        yield cbox, decode(got["content"], meta.encoding(mip), shape, dtype,
+                           meta.compressed_segmentation_block_size(mip), background_color=background)
 
 
 def _prefix(got: dict, nbytes: int) -> bytes:

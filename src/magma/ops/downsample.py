@@ -16,7 +16,7 @@ from cloudvolume.datasource.precomputed.sharding import (
     image_shard_shape_from_spec,
 )
 
-from .. import layers
+from .. import chunk_files, layers
 from ..design import memory_for_shape, mips_for_shape, num_mips_from_memory_target
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
@@ -47,7 +47,7 @@ def pyramid(image: np.ndarray, method: str, factor, num_mips: int, sparse: bool 
     pad = [(0, (-s) % m) for s, m in zip(shape, mult)]
     if any(p for _, p in pad):
         image = np.pad(image, pad, mode="edge")
-    image = np.asfortranarray(image)
+    image = np.require(image, requirements=["F", "W"])  # tinybrain writes through its views
     outs = _tinybrain(image, method, factor, num_mips, sparse)
     crops = []
     for i, out in enumerate(outs, start=1):
@@ -62,7 +62,9 @@ def _tinybrain(image, method, factor, num_mips, sparse):
     if method == "mode":
         return tinybrain.downsample_segmentation(image, factor, num_mips=num_mips, sparse=sparse)
     if method == "min":
-        return tinybrain.downsample_with_min_pooling(image, factor, num_mips=num_mips)
+        # tinybrain has max pooling only: ~x (integers) and -x (floats) reverse the order
+        flip = np.negative if image.dtype.kind == "f" else np.invert
+        return [flip(m) for m in tinybrain.downsample_with_max_pooling(flip(image), factor, num_mips=num_mips)]
     if method == "max":
         return tinybrain.downsample_with_max_pooling(image, factor, num_mips=num_mips)
     if method == "striding":
@@ -70,16 +72,50 @@ def _tinybrain(image, method, factor, num_mips, sparse):
     raise ValueError(f"unknown downsample method {method!r}")
 
 
-def write_mips(vol, image, box: Bbox, mip: int, k: int, method: str, factor, sparse: bool) -> int:
-    """Downsample `image` (which sits at `box`, mip `mip`) k times into vol; returns voxels written."""
+def write_pyramid(vol, images: list, box: Bbox, mip: int, factor) -> int:
+    """Write the mips `images` of `box` (at mip `mip`) into vol; returns voxels written."""
     written = 0
-    box = box.clone()
-    for i, img in enumerate(pyramid(image, method, factor, k, sparse), start=1):
-        box = Bbox(box.minpt // Vec(*factor), box.minpt // Vec(*factor) + Vec(*img.shape[:3]))
+    for i, img in enumerate(images, start=1):
+        lo = box.minpt // (np.asarray(factor) ** i)
         vol.mip = mip + i
-        vol[box] = img
+        vol[Bbox(lo, lo + Vec(*img.shape[:3]))] = img
         written += int(np.prod(img.shape[:3]))
     return written
+
+
+def write_mips(vol, image, box: Bbox, mip: int, k: int, method: str, factor, sparse: bool) -> int:
+    """Downsample `image` (which sits at `box`, mip `mip`) k times into vol; returns voxels written."""
+    return write_pyramid(vol, pyramid(image, method, factor, k, sparse), box, mip, factor)
+
+
+def chunkwise(meta, mip: int, box: Bbox, k: int, factor) -> bool:
+    """Whether the k mips of `box` can be made chunk by chunk: box is whole chunks (or
+    ends at the volume's edge) and every chunk is whole pooling windows, so each output
+    voxel comes from one chunk and equals the whole block's (pyramid pads the same edge)."""
+    if k <= 0 or meta.sharding(mip):
+        return False
+    chunk, offset, end = meta.chunk_size(mip), meta.voxel_offset(mip), meta.bounds(mip).maxpt
+    on_grid = lambda v: np.all(((v - offset) % chunk == 0) | (v == end))  # noqa: E731
+    return bool(np.all(chunk % (np.asarray(factor) ** k) == 0) and on_grid(box.minpt) and on_grid(box.maxpt))
+
+
+class Pyramid:
+    """The k mips of `box`, filled in chunk by chunk (see chunkwise): a chunk's pyramid
+    fits in cache where the whole block's streams through memory, and no block-sized
+    array is made."""
+
+    def __init__(self, box: Bbox, k: int, factor, dtype, channels: int, method: str, sparse: bool = False):
+        self.box, self.k, self.factor, self.method, self.sparse = box, k, factor, method, sparse
+        self.scales = [np.asarray(factor) ** i for i in range(1, k + 1)]
+        self.images = [np.zeros(tuple(-(-box.size3() // f)) + (channels,), dtype=dtype, order="F")
+                       for f in self.scales]
+
+    def add(self, image: np.ndarray, chunk: Bbox) -> None:
+        at = chunk.minpt - self.box.minpt
+        for f, img, out in zip(self.scales, pyramid(image, self.method, self.factor, self.k, self.sparse),
+                               self.images):
+            lo = at // f
+            out[lo[0]:lo[0] + img.shape[0], lo[1]:lo[1] + img.shape[1], lo[2]:lo[2] + img.shape[2]] = img
 
 
 # ---- planning ---------------------------------------------------------------
@@ -224,6 +260,13 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
         image = vol.download(src, mip=mip)
         written = write_mips(vol, image, src, mip, 1, params["method"], factor, params["sparse"])
         return {"voxels_read": int(np.prod(image.shape[:3])), "voxels_written": written}
+    if chunkwise(vol.meta, mip, box, k, factor):
+        pyr = Pyramid(box, k, factor, vol.dtype, vol.num_channels, params["method"], params["sparse"])
+        for chunk, image in chunk_files.read_chunks(path, vol.meta, mip, box, params["fill_missing"],
+                                                    params["background_color"]):
+            pyr.add(image, chunk)
+        written = write_pyramid(vol, pyr.images, box, mip, factor)
+        return {"voxels_read": int(np.prod(box.size3())), "voxels_written": written}
     image = vol.download(box, mip=mip)
     written = write_mips(vol, image, box, mip, k, params["method"], factor, params["sparse"])
     return {"voxels_read": int(np.prod(image.shape[:3])), "voxels_written": written}

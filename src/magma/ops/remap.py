@@ -24,7 +24,7 @@ from .. import chunk_files, cseg_tables, layers
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
-from .downsample import pyramid, write_mips
+from .downsample import Pyramid, chunkwise, write_mips, write_pyramid
 from .common import check_new_layer, compress_arg, dtype_width, file_compression, open_volume
 
 log = logging.getLogger("magma")
@@ -187,8 +187,7 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
     block = meta.compressed_segmentation_block_size(mip)
     dtype = np.dtype(params["data_type"])
     keep = params["preserve_missing_labels"]
-    scales = [np.asarray(_derived.FACTOR) ** i for i in range(1, mips + 1)]
-    out = [np.zeros(tuple(-(-box.size3() // f)) + (1,), dtype=dtype, order="F") for f in scales]
+    pyr = Pyramid(box, mips, _derived.FACTOR, dtype, 1, "mode")
     files = []
     for key, chunk_box, got in zip(keys, boxes, CloudFiles(paths[params["src"]]).get(list(keys))):
         shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
@@ -201,22 +200,11 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
                                                                    in_place=True))
         files.append((key, data))
         if mips:
-            labels = cseg.decompress(data, shape, dtype, block_size=block, order="F")
-            at = chunk_box.minpt - box.minpt
-            for f, img, dst in zip(scales, pyramid(labels, "mode", _derived.FACTOR, mips), out):
-                lo = at // f
-                dst[lo[0]:lo[0] + img.shape[0], lo[1]:lo[1] + img.shape[1], lo[2]:lo[2] + img.shape[2]] = img
+            pyr.add(cseg.decompress(data, shape, dtype, block_size=block, order="F"), chunk_box)
     CloudFiles(paths[params["dest"]]).puts(
         files, content_type=content_type("compressed_segmentation"),
         compress=should_compress("compressed_segmentation", compress_arg(params["compress"]), None))
-    return out
-
-
-def _chunk_mips(params: dict, meta, k: int) -> int:
-    """k when every chunk is a whole number of k-mip pooling windows (the mips can be made
-    chunk by chunk), else 0 (they are made from the decoded task)."""
-    chunk = meta.chunk_size(params["mip"])
-    return k if np.all(chunk % (np.asarray(_derived.FACTOR) ** k) == 0) else 0
+    return pyr.images
 
 
 def run_task(params: dict, box: Bbox, paths: dict) -> dict:
@@ -227,7 +215,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
     try:
         if tables:
-            by_chunk = _chunk_mips(params, dest.meta, k)
+            by_chunk = k if chunkwise(dest.meta, mip, box, k, _derived.FACTOR) else 0
             try:
                 mips = _relabel_chunks(params, box, paths, table, by_chunk)  # writes only if every chunk relabels
             except cseg_tables.Unsupported as exc:
@@ -235,12 +223,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
                 tables = False
             else:
                 if by_chunk == k:
-                    written = voxels
-                    for i, img in enumerate(mips, start=1):
-                        lo = box.minpt // (np.asarray(_derived.FACTOR) ** i)
-                        dest.mip = mip + i
-                        dest[Bbox(lo, lo + img.shape[:3])] = img
-                        written += int(np.prod(img.shape[:3]))
+                    written = voxels + write_pyramid(dest, mips, box, mip, _derived.FACTOR)
                     return {"voxels_read": voxels, "voxels_written": written}
         src = open_volume(paths[params["src"]], mip, fill_missing=params["fill_missing"])
         image = src.download(box, mip=mip)[..., 0]
