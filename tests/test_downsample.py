@@ -155,7 +155,8 @@ def test_mips_made_chunk_by_chunk_equal_the_whole_block(tmp_path, method, sparse
     url = make_layer(tmp_path / "l", data, "image", chunk=(32, 32, 8), offset=(64, 0, 8))
     meta = CloudVolume(url).meta
     box = Bbox((64, 0, 8), np.asarray((64, 0, 8)) + shape)
-    assert chunkwise(meta, 0, box, 2, (2, 2, 1)) and not chunkwise(meta, 0, box, 6, (2, 2, 1))
+    if method == "mode" or data.dtype.itemsize >= 4:
+        assert chunkwise(meta, 0, box, 2, (2, 2, 1), method) and not chunkwise(meta, 0, box, 6, (2, 2, 1), method)
     pyr = Pyramid(box, 2, (2, 2, 1), data.dtype, 1, method, sparse)
     for chunk, image in chunk_files.read_chunks(url, meta, 0, box):
         pyr.add(image, chunk)

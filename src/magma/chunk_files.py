@@ -66,12 +66,15 @@ def _prefix(got: dict, nbytes: int) -> bytes:
     return decompress(data, method)[:nbytes]
 
 
-def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_missing: bool = False) -> np.ndarray:
-    """Channel `channel` of `box` (x, y, z; Fortran order) from a raw-encoded scale."""
+def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_missing: bool = False,
+                 convert=None, out_dtype=None) -> np.ndarray:
+    """Channel `channel` of `box` (x, y, z; Fortran order) from a raw-encoded scale; with
+    `convert`, convert(block) of each chunk's part instead (an array of `out_dtype`, which
+    must map 0 to 0), so no array of the stored type as big as the box is made."""
     if meta.encoding(mip) != "raw":
         raise ValueError(f"read_channel reads raw chunks, not {meta.encoding(mip)}")
     dtype = np.dtype(meta.data_type).newbyteorder("<")
-    out = np.zeros(tuple(box.size3()), dtype=dtype, order="F")
+    out = np.zeros(tuple(box.size3()), dtype=out_dtype or dtype.newbyteorder("="), order="F")
     chunks = chunks_in(meta, mip, box)
     files = CloudFiles(path).get([key for key, _ in chunks], raw=True)
     for (key, cbox), got in zip(chunks, files):
@@ -89,5 +92,5 @@ def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_mi
         part = Bbox.intersection(cbox, box)
         src = tuple(slice(a, b) for a, b in zip(part.minpt - cbox.minpt, part.maxpt - cbox.minpt))
         dst = tuple(slice(a, b) for a, b in zip(part.minpt - box.minpt, part.maxpt - box.minpt))
-        out[dst] = block[src]
-    return out.astype(dtype.newbyteorder("="), copy=False)
+        out[dst] = block[src] if convert is None else convert(block[src])
+    return out

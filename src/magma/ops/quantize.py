@@ -56,8 +56,9 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     meta = src.meta
     if meta.encoding(mip) == "raw" and meta.num_channels > 1 and not meta.sharding(mip):
         # the first channel (x affinity) only, as Igneous uses, without inflating the others
-        image = chunk_files.read_channel(paths[params["src"]], meta, mip, box, 0, params["fill_missing"])
+        image = chunk_files.read_channel(paths[params["src"]], meta, mip, box, 0, params["fill_missing"],
+                                         convert=quantize, out_dtype=np.uint8)
     else:
-        image = src.download(box, mip=mip)[..., 0]
-    written = _derived.write_block(dest, quantize(image), box, mip, params["num_mips"], "avg")
+        image = quantize(src.download(box, mip=mip)[..., 0])
+    written = _derived.write_block(dest, image, box, mip, params["num_mips"], "avg")
     return {"voxels_read": int(image.size), "voxels_written": written}

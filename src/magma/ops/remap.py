@@ -215,7 +215,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     dest = open_volume(paths[params["dest"]], mip, compress=compress_arg(params["compress"]))
     try:
         if tables:
-            by_chunk = k if chunkwise(dest.meta, mip, box, k, _derived.FACTOR) else 0
+            by_chunk = k if chunkwise(dest.meta, mip, box, k, _derived.FACTOR, "mode") else 0
             try:
                 mips = _relabel_chunks(params, box, paths, table, by_chunk)  # writes only if every chunk relabels
             except cseg_tables.Unsupported as exc:
