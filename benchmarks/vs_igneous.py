@@ -296,7 +296,9 @@ def ops(num_mips: int) -> dict:
         # Igneous's CLI has no quantize or remap command: its Python task creators run in a
         # LocalTaskQueue, as its CLI runs every other op (`igneous -p N` does the same)
         "quantize": {
-            "inputs": [], "shared": ["aff"], "compare": [("quant", 0)],
+            # no floors: the whole 3-channel float array (12.9 GB at --scale 1) and its copies
+            # would not fit in the floor process beside the page cache
+            "inputs": [], "shared": ["aff"], "compare": [("quant", 0)], "floors": False,
             "igneous_py": lambda p, n: (
                 f"tasks = tc.create_quantize_tasks({p['aff']!r}, {p['quant']!r}, shape={QUANTIZE_SHAPE!r}, mip=0)\n"
                 f"LocalTaskQueue(parallel={n}, progress=False).insert_all(tasks)\n"),

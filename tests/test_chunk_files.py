@@ -45,3 +45,13 @@ def test_a_missing_chunk_is_named_or_zero(tmp_path):
     want = data[..., 0].copy()
     want[32:64, 0:32] = 0
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_short_prefix_is_read_again_whole(layer, monkeypatch):
+    """Only the start of each file is read; if that start ever holds too little (a codec
+    that expands more than deflate), the chunk is read whole instead."""
+    url, data, _ = layer
+    vol = CloudVolume(url, progress=False)
+    monkeypatch.setattr(chunk_files, "prefix_budget", lambda n: 100)
+    got = chunk_files.read_channel(url, vol.meta, 0, vol.bounds, 1)
+    np.testing.assert_array_equal(got, data[..., 1])

@@ -57,13 +57,20 @@ def read_chunks(path: str, meta, mip: int, box: Bbox, fill_missing: bool = False
 
 
 def _prefix(got: dict, nbytes: int) -> bytes:
-    """The first `nbytes` of a stored file's decompressed content."""
+    """The first `nbytes` of a stored file's decompressed content (fewer when `got` holds
+    only the start of a compressed file and it runs out)."""
     data, method = got["content"], (got.get("compress") or "").lower()
     if method in ("", "none"):
         return data[:nbytes]
     if method == "gzip":
         return zlib.decompressobj(31).decompress(data, nbytes)  # stops once it has nbytes
     return decompress(data, method)[:nbytes]
+
+
+def prefix_budget(nbytes: int) -> int:
+    """Stored bytes that always hold the first `nbytes` of content: deflate expands
+    incompressible data by a few bytes per 64 KiB block, and the gzip header is short."""
+    return nbytes + nbytes // 100 + 4096
 
 
 def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_missing: bool = False,
@@ -76,15 +83,21 @@ def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_mi
     dtype = np.dtype(meta.data_type).newbyteorder("<")
     out = np.zeros(tuple(box.size3()), dtype=out_dtype or dtype.newbyteorder("="), order="F")
     chunks = chunks_in(meta, mip, box)
-    files = CloudFiles(path).get([key for key, _ in chunks], raw=True)
-    for (key, cbox), got in zip(chunks, files):
+    cf = CloudFiles(path)
+    sizes = [int(np.prod(cbox.size3())) * dtype.itemsize for _, cbox in chunks]
+    # only the start of each file: up to the channel wanted (a third of a 3-channel chunk)
+    files = cf.get([{"path": key, "start": 0, "end": prefix_budget(n * (channel + 1))}
+                    for (key, _), n in zip(chunks, sizes)], raw=True)
+    for (key, cbox), got, per_channel in zip(chunks, files, sizes):
         if got["content"] is None:
             if got["error"] is not None or not fill_missing:
                 raise missing_chunk(key, path, got["error"])
             continue
         size = tuple(cbox.size3())
-        per_channel = int(np.prod(size)) * dtype.itemsize
-        data = _prefix(got, per_channel * (channel + 1))[per_channel * channel:]
+        data = _prefix(got, per_channel * (channel + 1))
+        if len(data) < per_channel * (channel + 1):  # a codec that expands more: read it whole
+            data = _prefix(cf.get([key], raw=True)[0], per_channel * (channel + 1))
+        data = data[per_channel * channel:]
         if len(data) != per_channel:
             raise MagmaError(f"chunk {key} of {path} holds {len(data)} bytes of channel {channel};"
                              f" a {size} chunk needs {per_channel}")
