@@ -55,3 +55,18 @@ def test_a_short_prefix_is_read_again_whole(layer, monkeypatch):
     monkeypatch.setattr(chunk_files, "prefix_budget", lambda n: 100)
     got = chunk_files.read_channel(url, vol.meta, 0, vol.bounds, 1)
     np.testing.assert_array_equal(got, data[..., 1])
+
+
+def test_files_arriving_in_any_order(layer, monkeypatch):
+    """CloudFiles returns files as its threads finish (on S3, in any order): every chunk
+    still lands at its own place."""
+    from cloudfiles import CloudFiles
+
+    url, data, _ = layer
+    vol = CloudVolume(url, progress=False)
+    get = CloudFiles.get
+    monkeypatch.setattr(CloudFiles, "get", lambda self, *a, **k: list(reversed(list(get(self, *a, **k)))))
+    np.testing.assert_array_equal(chunk_files.read_channel(url, vol.meta, 0, vol.bounds, 2), data[..., 2])
+    for chunk, image in chunk_files.read_chunks(url, vol.meta, 0, vol.bounds):
+        lo, hi = chunk.minpt - vol.bounds.minpt, chunk.maxpt - vol.bounds.minpt
+        np.testing.assert_array_equal(image, data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])

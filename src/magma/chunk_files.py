@@ -32,6 +32,13 @@ def chunks_in(meta, mip: int, box: Bbox) -> list[tuple[str, Bbox]]:
     return out
 
 
+def fetch(cf: CloudFiles, requests: list, raw: bool = False) -> list[dict]:
+    """cf.get of many files (keys, or {"path", "start", "end"} ranges), in the order asked:
+    CloudFiles returns them as its threads finish, which on object storage is any order."""
+    got = {r["path"]: r for r in cf.get(requests, raw=raw)}
+    return [got[r["path"] if isinstance(r, dict) else r] for r in requests]
+
+
 def missing_chunk(key: str, path: str, error=None) -> MagmaError:
     return MagmaError(f"chunk {key} of {path} is missing ({error or 'no such file'});"
                       " set fill_missing: true to read it as 0")
@@ -42,7 +49,7 @@ def read_chunks(path: str, meta, mip: int, box: Bbox, fill_missing: bool = False
     time (the codec is CloudVolume's); a missing chunk is an error naming it, or
     `background` with fill_missing."""
     chunks = chunks_in(meta, mip, box)
-    files = CloudFiles(path).get([key for key, _ in chunks])
+    files = fetch(CloudFiles(path), [key for key, _ in chunks])
     dtype = np.dtype(meta.data_type)
     for i, ((key, cbox), got) in enumerate(zip(chunks, files)):
         files[i] = None  # each compressed chunk is freed once decoded
@@ -86,8 +93,8 @@ def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_mi
     cf = CloudFiles(path)
     sizes = [int(np.prod(cbox.size3())) * dtype.itemsize for _, cbox in chunks]
     # only the start of each file: up to the channel wanted (a third of a 3-channel chunk)
-    files = cf.get([{"path": key, "start": 0, "end": prefix_budget(n * (channel + 1))}
-                    for (key, _), n in zip(chunks, sizes)], raw=True)
+    files = fetch(cf, [{"path": key, "start": 0, "end": prefix_budget(n * (channel + 1))}
+                       for (key, _), n in zip(chunks, sizes)], raw=True)
     for (key, cbox), got, per_channel in zip(chunks, files, sizes):
         if got["content"] is None:
             if got["error"] is not None or not fill_missing:
@@ -96,7 +103,7 @@ def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_mi
         size = tuple(cbox.size3())
         data = _prefix(got, per_channel * (channel + 1))
         if len(data) < per_channel * (channel + 1):  # a codec that expands more: read it whole
-            data = _prefix(cf.get([key], raw=True)[0], per_channel * (channel + 1))
+            data = _prefix(fetch(cf, [key], raw=True)[0], per_channel * (channel + 1))
         data = data[per_channel * channel:]
         if len(data) != per_channel:
             raise MagmaError(f"chunk {key} of {path} holds {len(data)} bytes of channel {channel};"

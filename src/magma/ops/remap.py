@@ -189,7 +189,7 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
     keep = params["preserve_missing_labels"]
     pyr = Pyramid(box, mips, _derived.FACTOR, dtype, 1, "mode")
     files = []
-    for key, chunk_box, got in zip(keys, boxes, CloudFiles(paths[params["src"]]).get(list(keys))):
+    for key, chunk_box, got in zip(keys, boxes, chunk_files.fetch(CloudFiles(paths[params["src"]]), list(keys))):
         shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
         if got["content"] is None:
             if got["error"] is not None or not params["fill_missing"]:
