@@ -32,6 +32,12 @@ def chunks_in(meta, mip: int, box: Bbox) -> list[tuple[str, Bbox]]:
     return out
 
 
+def whole_chunks(meta, mip: int, box: Bbox) -> bool:
+    """Whether `box` is made of whole chunks (a side on the volume's far edge counts)."""
+    chunk, offset, end = meta.chunk_size(mip), meta.voxel_offset(mip), meta.bounds(mip).maxpt
+    return all(bool(np.all(((v - offset) % chunk == 0) | (v == end))) for v in (box.minpt, box.maxpt))
+
+
 def fetch(cf: CloudFiles, requests: list, raw: bool = False) -> list[dict]:
     """cf.get of many files (keys, or {"path", "start", "end"} ranges), in the order asked:
     CloudFiles returns them as its threads finish, which on object storage is any order."""

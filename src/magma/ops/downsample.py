@@ -97,9 +97,8 @@ def chunkwise(meta, mip: int, box: Bbox, k: int, factor, method: str) -> bool:
         return False
     if method != "mode" and np.dtype(meta.data_type).itemsize < 4:
         return False  # averaging bytes streams through memory fast enough: no gain measured
-    chunk, offset, end = meta.chunk_size(mip), meta.voxel_offset(mip), meta.bounds(mip).maxpt
-    on_grid = lambda v: np.all(((v - offset) % chunk == 0) | (v == end))  # noqa: E731
-    return bool(np.all(chunk % (np.asarray(factor) ** k) == 0) and on_grid(box.minpt) and on_grid(box.maxpt))
+    windows = np.all(meta.chunk_size(mip) % (np.asarray(factor) ** k) == 0)
+    return bool(windows) and chunk_files.whole_chunks(meta, mip, box)
 
 
 class Pyramid:

@@ -170,12 +170,10 @@ def tables_only(src: dict, dest: dict, mip: int, box: Bbox, shape) -> bool:
                                                 "compressed_segmentation_block_size")):
         return False
     meta = layers.meta(src)
-    chunk, offset, end = meta.chunk_size(mip), meta.voxel_offset(mip), meta.bounds(mip).maxpt
-    aligned = lambda v: np.all(((v - offset) % chunk == 0) | (v == end))  # noqa: E731
-    return bool(aligned(box.minpt) and aligned(box.maxpt) and np.all(np.asarray(shape) % chunk == 0))
+    return chunk_files.whole_chunks(meta, mip, box) and bool(np.all(np.asarray(shape) % meta.chunk_size(mip) == 0))
 
 
-def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int) -> list | None:
+def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int) -> list:
     """Write the task's chunks relabeled in their lookup tables (see tables_only). With
     `mips`, also decode each relabeled chunk and downsample it alone (chunks are whole
     pooling windows), returning the task's mip images: no task-sized array is made."""
@@ -189,7 +187,8 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
     keep = params["preserve_missing_labels"]
     pyr = Pyramid(box, mips, _derived.FACTOR, dtype, 1, "mode")
     files = []
-    for key, chunk_box, got in zip(keys, boxes, chunk_files.fetch(CloudFiles(paths[params["src"]]), list(keys))):
+    got_all = chunk_files.fetch(CloudFiles(paths[params["src"]]), list(keys))
+    for key, chunk_box, got in zip(keys, boxes, got_all):
         shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
         if got["content"] is None:
             if got["error"] is not None or not params["fill_missing"]:
