@@ -17,6 +17,7 @@ from cloudvolume import Bbox
 from cloudvolume.chunks import decode
 from cloudvolume.lib import xyzrange
 
+from . import layers
 from .errors import MagmaError
 
 
@@ -24,18 +25,18 @@ def chunks_in(meta, mip: int, box: Bbox) -> list[tuple[str, Bbox]]:
     """(file key, chunk box clipped to the volume) of every chunk `box` touches."""
     chunk, offset = meta.chunk_size(mip), meta.voxel_offset(mip)
     end = meta.bounds(mip).maxpt
-    start = offset + (box.minpt - offset) // chunk * chunk
+    minpt, maxpt = (np.asarray(v).astype(np.int64) for v in (box.minpt, box.maxpt))  # clamped boxes turn float
+    start = offset + (minpt - offset) // chunk * chunk
     out = []
-    for lo in xyzrange(start, box.maxpt, chunk):
+    for lo in xyzrange(start, maxpt, chunk):
         cbox = Bbox(lo, np.minimum(lo + chunk, end))
-        out.append((meta.join(meta.key(mip), cbox.to_filename()), cbox))
+        out.append((f"{meta.key(mip)}/{cbox.to_filename()}", cbox))  # CloudFiles keys use "/"
     return out
 
 
 def whole_chunks(meta, mip: int, box: Bbox) -> bool:
     """Whether `box` is made of whole chunks (a side on the volume's far edge counts)."""
-    chunk, offset, end = meta.chunk_size(mip), meta.voxel_offset(mip), meta.bounds(mip).maxpt
-    return all(bool(np.all(((v - offset) % chunk == 0) | (v == end))) for v in (box.minpt, box.maxpt))
+    return layers.on_grid(box, meta.bounds(mip), meta.chunk_size(mip))
 
 
 def fetch(cf: CloudFiles, requests: list, raw: bool = False) -> list[dict]:
@@ -45,9 +46,15 @@ def fetch(cf: CloudFiles, requests: list, raw: bool = False) -> list[dict]:
     return [got[r["path"] if isinstance(r, dict) else r] for r in requests]
 
 
-def missing_chunk(key: str, path: str, error=None) -> MagmaError:
-    return MagmaError(f"chunk {key} of {path} is missing ({error or 'no such file'});"
-                      " set fill_missing: true to read it as 0")
+def present(got: dict, key: str, path: str, fill_missing: bool) -> bool:
+    """Whether a fetched chunk is there; a missing one is an error naming it unless
+    fill_missing (then the caller fills it), and a read that failed always is."""
+    if got["content"] is not None:
+        return True
+    if got["error"] is not None or not fill_missing:
+        raise MagmaError(f"chunk {key} of {path} is missing ({got['error'] or 'no such file'});"
+                         " set fill_missing: true to read it as 0")
+    return False
 
 
 def read_chunks(path: str, meta, mip: int, box: Bbox, fill_missing: bool = False, background=0):
@@ -60,9 +67,7 @@ def read_chunks(path: str, meta, mip: int, box: Bbox, fill_missing: bool = False
     for i, ((key, cbox), got) in enumerate(zip(chunks, files)):
         files[i] = None  # each compressed chunk is freed once decoded
         shape = tuple(cbox.size3()) + (int(meta.num_channels),)
-        if got["content"] is None:
-            if got["error"] is not None or not fill_missing:
-                raise missing_chunk(key, path, got["error"])
+        if not present(got, key, path, fill_missing):
             yield cbox, np.full(shape, background, dtype=dtype, order="F")
             continue
         yield cbox, decode(got["content"], meta.encoding(mip), shape, dtype,
@@ -102,10 +107,8 @@ def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_mi
     files = fetch(cf, [{"path": key, "start": 0, "end": prefix_budget(n * (channel + 1))}
                        for (key, _), n in zip(chunks, sizes)], raw=True)
     for (key, cbox), got, per_channel in zip(chunks, files, sizes):
-        if got["content"] is None:
-            if got["error"] is not None or not fill_missing:
-                raise missing_chunk(key, path, got["error"])
-            continue
+        if not present(got, key, path, fill_missing):
+            continue  # zeros
         size = tuple(cbox.size3())
         data = _prefix(got, per_channel * (channel + 1))
         if len(data) < per_channel * (channel + 1):  # a codec that expands more: read it whole

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import getpass
 import importlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -25,7 +24,7 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 
-from . import __version__, cores, job_server, layers, malloc, safe_writes, storage
+from . import __version__, chunk_files, cores, job_server, layers, malloc, safe_writes, storage
 from .errors import MagmaError
 from .markers import read_marker, write_marker
 from .ops import OPS
@@ -85,10 +84,7 @@ def missing_chunks(path: str, info: dict, mip: int, box: Bbox, limit: int) -> li
     if box.volume() == 0 or box.num_chunks(chunk) > limit:
         return None
     key = m.key(mip)
-    expected = set()
-    for lo in itertools.product(*(range(int(a), int(b), int(c)) for a, b, c in zip(box.minpt, box.maxpt, chunk))):
-        chunk_box = Bbox.clamp(Bbox(lo, np.asarray(lo) + chunk), whole)
-        expected.add(f"{key}/{chunk_box.to_filename()}")
+    expected = {name for name, _ in chunk_files.chunks_in(m, mip, box)}
     stored = set(CloudFiles(path).list(prefix=f"{key}/"))
     return sorted(expected - stored)
 

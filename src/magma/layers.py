@@ -128,15 +128,19 @@ def user_bounds(where: str, name: str, info: dict, bounds, bounds_mip: int, mip:
     return meta(info).bbox_to_mip(box, bounds_mip, mip) if bounds_mip != mip else box
 
 
-def check_aligned(where: str, box: Bbox, whole: Bbox, grid, what: str) -> None:
-    """Require `box` to lie on a grid of `grid` voxels anchored at the volume's offset.
-
-    A side that touches the volume's edge counts as aligned: the edge chunk is partial anyway.
-    """
+def on_grid(box: Bbox, whole: Bbox, grid) -> bool:
+    """Whether `box` lies on a grid of `grid` voxels anchored at the volume's offset. A side
+    that touches the volume's far edge counts as on it: the edge chunk is partial anyway."""
     grid = Vec(*grid)
     lo_ok = (box.minpt - whole.minpt) % grid == 0
     hi_ok = ((box.maxpt - whole.minpt) % grid == 0) | (box.maxpt == whole.maxpt)
-    if not (np.all(lo_ok) and np.all(hi_ok)):
+    return bool(np.all(lo_ok) and np.all(hi_ok))
+
+
+def check_aligned(where: str, box: Bbox, whole: Bbox, grid, what: str) -> None:
+    """Require `box` to lie on a grid of `grid` voxels anchored at the volume's offset (on_grid)."""
+    grid = Vec(*grid)
+    if not on_grid(box, whole, grid):
         lo = whole.minpt + ((box.minpt - whole.minpt) // grid) * grid
         hi = Vec(*np.minimum(whole.minpt + -(-(box.maxpt - whole.minpt) // grid) * grid, whole.maxpt))
         raise MagmaError(

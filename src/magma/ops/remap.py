@@ -190,9 +190,7 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
     got_all = chunk_files.fetch(CloudFiles(paths[params["src"]]), list(keys))
     for key, chunk_box, got in zip(keys, boxes, got_all):
         shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
-        if got["content"] is None:
-            if got["error"] is not None or not params["fill_missing"]:
-                raise chunk_files.missing_chunk(key, paths[params["src"]], got["error"])
+        if not chunk_files.present(got, key, paths[params["src"]], params["fill_missing"]):
             got["content"] = cseg.compress(np.zeros(shape, dtype=dtype, order="F"), block_size=block, order="F")
         data = cseg_tables.relabel_chunk(got["content"], shape, block, dtype,
                                          lambda v: fastremap.remap(v, table, preserve_missing_labels=keep,
