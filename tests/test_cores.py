@@ -1,11 +1,10 @@
 """Spare cores of a batch job: forks that run side by side, give their cores back, report
-failures, and a mesh forge whose output does not depend on them."""
+failures, and a mesh merge whose output does not depend on them."""
 import multiprocessing
 import os
 
 import numpy as np
 import pytest
-import zmesh
 
 from magma import cores
 from magma.meshes import forge
@@ -77,33 +76,29 @@ def _blob_block():
     return np.asfortranarray(block)
 
 
-def test_forge_simplification_ignores_cores(spare):
+def test_merge_simplification_ignores_cores(spare, monkeypatch):
+    """The merge simplifies labels in forks, side by side when the job has spare cores:
+    what it writes does not depend on how many there were or how labels were batched."""
+    from magma.ops import mesh as mesh_op
+
     block = _blob_block()
+    parts = {label: [m] for label, m in forge.mesh_labels(block, RES).items()}
+    params = {"resolution": RES, "simplification": True, "max_simplification_error": 40, "kind": "legacy"}
+
+    def merged():
+        out = {}
+        for done in cores.fork_each(lambda batch: [(lab, mesh_op._finish(params, lab, parts[lab])) for lab in batch],
+                                    mesh_op._batches(parts)):
+            out.update(done)
+        return out
+
     spare(0)
-    alone = forge.mesh_labels(block, RES, simplification=True, max_error=40)
+    alone = merged()
+    monkeypatch.setattr(mesh_op, "BATCH_FACES", 1)
+    assert len(mesh_op._batches(parts)) == len(parts)
     spare(1)
-    helped = forge.mesh_labels(block, RES, simplification=True, max_error=40)
-    assert list(alone) == list(helped)
-    for label in alone:
-        assert np.array_equal(alone[label].vertices, helped[label].vertices), label
-        assert np.array_equal(alone[label].faces, helped[label].faces), label
-
-
-def test_forge_simplification_ignores_history(spare, monkeypatch):
-    """A label simplified in a batch of its own equals zmesh with a fresh simplifier, whatever
-    else the block holds (zmesh's Mesher.get after other labels can differ)."""
-    monkeypatch.setattr(forge, "BATCH_VOXELS", 1)
-    block = _blob_block()
-    block[(block >= 100) & (block < 200)] = 0
-    spare(0)
-    got = forge.mesh_labels(block, RES, simplification=True, max_error=40)
-    small, mapping = forge.fastremap.renumber(block, in_place=False)
-    for label in (7, 2**40 + 1):
-        mesher = zmesh.Mesher(RES)
-        mesher.mesh(small)
-        ref = mesher.get(mapping[label], reduction_factor=100, max_error=40, voxel_centered=True)
-        assert np.array_equal(got[label].faces, ref.faces), label
-        assert np.allclose(got[label].vertices, ref.vertices), label
+    assert merged() == alone
+    assert set(alone) == set(parts) and all(len(v[1]) > 0 for v in alone.values())
 
 
 def test_batch_job_lends_the_cores_its_workers_do_not_use(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Meshes from a real snakemake run, in all three output kinds, checked against zmesh on the
 whole array in memory and, for shards, against an independent reader of the sharding spec.
 
-The segmentation is small but its objects cross many 32x32x16 forge tasks (27 of them),
+The segmentation is small but its objects cross many 48x48x24 forge tasks (27 of them),
 so every seam between tasks matters.
 """
 import gzip
@@ -25,9 +25,9 @@ from magma import workflow
 from magma.errors import MagmaError
 from magma.ops import mesh as mesh_op
 
-SHAPE = (96, 96, 48)
-CHUNK = (32, 32, 16)
-TASK = [32, 32, 16]
+SHAPE = (144, 144, 72)  # objects big enough that simplification ties move face counts by < 5%
+CHUNK = (48, 48, 24)
+TASK = [48, 48, 24]
 RES = (8, 8, 40)
 DUST = 50
 MESH_DIR = "mesh_mip_0_err_40"
@@ -53,11 +53,11 @@ def objects(shape=SHAPE, seed=0) -> np.ndarray:
 
 
 STEPS = {
-    # legacy manifests, exact marching cubes, global dust from voxel_counts.im
-    "m_leg": dict(layer="leg", simplification=False, dust_threshold=DUST, dust_global=True),
+    # legacy manifests, Igneous's default simplification, global dust from voxel_counts.im
+    "m_leg": dict(layer="leg", dust_threshold=DUST, dust_global=True),
     # unsharded multi-LOD, Igneous's default simplification, no spatial index
     "m_ml": dict(layer="ml", nlod=2, min_chunk_size=[8, 8, 4], spatial_index=False),
-    # sharded multi-LOD, open at the dataset edges, several shards, one id excluded
+    # sharded multi-LOD, exact marching cubes, open at the dataset edges, several shards, one id excluded
     "m_sh": dict(layer="sh", sharded=True, simplification=False, nlod=2, min_chunk_size=[8, 8, 4],
                  closed_dataset_edges=False, max_labels_per_shard=5, exclude_object_ids=[42]),
 }
@@ -281,7 +281,7 @@ def test_cloudvolume_reads_every_mesh(run, layer, kind):
         assert len(m.faces) > 0
         where = np.argwhere(seg == label)
         # simplification may move a vertex by max error; Draco's lattice by a fraction of a nm
-        slack = {"leg": 1e-3, "ml": 41, "sh": 1}[layer]
+        slack = {"leg": 41, "ml": 41, "sh": 1}[layer]
         lo, hi = (where.min(axis=0) - 1) * RES - slack, (where.max(axis=0) + 1) * RES + slack
         assert np.all(m.vertices.min(axis=0) >= lo) and np.all(m.vertices.max(axis=0) <= hi), label
 
@@ -292,7 +292,7 @@ def test_mesh_infos(run):
         assert CloudFiles(layer).get_json("info")["mesh"] == MESH_DIR
     leg = CloudFiles(layers["leg"]).get_json(f"{MESH_DIR}/info")
     assert leg == {"@type": "neuroglancer_legacy_mesh", "mip": 0, "chunk_size": TASK,
-                   "spatial_index": {"resolution": list(RES), "chunk_size": [256, 256, 640]}}
+                   "spatial_index": {"resolution": list(RES), "chunk_size": [t * r for t, r in zip(TASK, RES)]}}
     sh = CloudFiles(layers["sh"]).get_json(f"{MESH_DIR}/info")
     assert sh["@type"] == "neuroglancer_multilod_draco" and sh["vertex_quantization_bits"] == 16
     assert sh["transform"] == [8, 0, 0, 0, 0, 8, 0, 0, 0, 0, 40, 0] and sh["lod_scale_multiplier"] == 1.0
@@ -339,44 +339,50 @@ def test_open_dataset_edges(run):
     assert open_ >= 3 and closed >= 1
 
 
+def cut_like(ref: zmesh.Mesh, manifest: bytes) -> int:
+    """Faces of `ref` (nm) once cut into the octree cells of a multi-LOD manifest, as LOD 0 is."""
+    man = parse_manifest(manifest)
+    vox = zmesh.Mesh(ref.vertices / np.asarray(RES, dtype=np.float32), ref.faces, None)
+    cut = zmesh.chunk_mesh(vox, tuple(float(c) for c in man["chunk"]), tuple(float(o) for o in man["origin"]))
+    return sum(len(c.faces) for c in cut.values())
+
+
 def test_exact_marching_cubes_equals_whole_array(run):
-    """Without simplification, tiling changes nothing: faces and area equal zmesh on the whole array."""
-    ref = whole_array_meshes(run["seg"], simplification=False)
-    for label in meshed_labels(run["layers"]["leg"], "legacy"):
-        m = get_mesh(run["layers"]["leg"], label)
-        v, f = weld(m.vertices, m.faces)
-        assert len(f) == len(ref[label].faces), label
-        assert area(v, f) == pytest.approx(area(ref[label].vertices, ref[label].faces), rel=1e-5)
-
-
-def test_sharded_lod0_area_and_faces_match_whole_array(run):
-    """LOD 0 of the sharded meshes is the whole-array mesh cut into the manifest's octree
-    cells (cutting adds the faces along cell planes, so the reference is cut the same way)."""
+    """Without simplification, tiling changes nothing: LOD 0 of the sharded meshes is the
+    whole-array mesh cut into the manifest's octree cells (cutting adds the faces along
+    cell planes, so the reference is cut the same way)."""
     ref = whole_array_meshes(run["seg"], simplification=False, closed=False)
     layer = run["layers"]["sh"]
     info = CloudFiles(layer).get_json(f"{MESH_DIR}/info")
     entries = read_shards(Path(layer[len("file://"):]) / MESH_DIR, info["sharding"])
     for label, (_, _, manifest, _) in entries.items():
         m = get_mesh(layer, label)
-        man = parse_manifest(manifest)
         r = ref[label]
-        vox = zmesh.Mesh(r.vertices / np.asarray(RES, dtype=np.float32), r.faces, None)
-        cut = zmesh.chunk_mesh(vox, tuple(float(c) for c in man["chunk"]), tuple(float(o) for o in man["origin"]))
-        ref_faces = sum(len(c.faces) for c in cut.values())
-        assert area(m.vertices, m.faces) == pytest.approx(area(r.vertices, r.faces), rel=0.01), label
-        assert len(m.faces) == pytest.approx(ref_faces, rel=0.05), label
+        assert len(m.faces) == cut_like(r, manifest), label
+        assert area(m.vertices, m.faces) == pytest.approx(area(r.vertices, r.faces), rel=1e-4), label
 
 
-def test_simplified_area_near_whole_array(run):
-    """Simplification stops at task seams (as in Igneous), so simplified meshes keep more
-    faces there; their area stays close to the whole-array simplified mesh."""
+def test_simplified_meshes_match_whole_array(run):
+    """Simplified, a label's merged mesh is zmesh's simplified mesh of the whole array, up to
+    the order the simplifier meets ties in: area within 1%, faces within 5%. (Simplified per
+    task, as Igneous does, seams keep every marching-cubes vertex: 4-5x the faces here.)"""
     ref = whole_array_meshes(run["seg"], simplification=True)
-    for label in meshed_labels(run["layers"]["ml"], "multilod"):
-        if run["counts"][label] < 1000:
-            continue  # a blob of a few voxels simplifies differently in every block
-        m = get_mesh(run["layers"]["ml"], label)
-        r = ref[label]
-        assert area(m.vertices, m.faces) == pytest.approx(area(r.vertices, r.faces), rel=0.05), label
+    checked = 0
+    for label in meshed_labels(run["layers"]["leg"], "legacy"):
+        m, r = get_mesh(run["layers"]["leg"], label), ref[label]
+        assert area(m.vertices, m.faces) == pytest.approx(area(r.vertices, r.faces), rel=0.01), label
+        if len(r.faces) < 100:
+            continue  # a blob of a few voxels: a handful of faces either way
+        assert len(m.faces) == pytest.approx(len(r.faces), rel=0.05), label
+        checked += 1
+    assert checked >= 8
+    # multi-LOD: LOD 0 is the same merged mesh (simplification is deterministic), cut into octree cells
+    layer = run["layers"]["ml"]
+    for label in meshed_labels(layer, "multilod") & meshed_labels(run["layers"]["leg"], "legacy"):
+        m, r = get_mesh(layer, label), ref[label]
+        assert area(m.vertices, m.faces) == pytest.approx(area(r.vertices, r.faces), rel=0.01), label
+        cut = cut_like(get_mesh(run["layers"]["leg"], label), CloudFiles(layer).get(f"{MESH_DIR}/{label}.index"))
+        assert len(m.faces) == pytest.approx(cut, rel=0.03), label  # Draco drops slivers cutting made
 
 
 def test_independent_shard_reader(run):
@@ -490,15 +496,15 @@ def test_forge_kernel_filters_and_fills():
     kept = forge.keep_labels(block.copy(), object_ids=[5, 6], exclude_object_ids=[6])
     assert set(np.unique(kept).tolist()) == {0, 5}
 
-    hollow = forge.mesh_labels(block, RES, simplification=False, max_error=40)
-    filled = forge.mesh_labels(block, RES, simplification=False, max_error=40, fill_holes=1)
+    hollow = forge.mesh_labels(block, RES)
+    filled = forge.mesh_labels(block, RES, fill_holes=1)
     solid = block.copy()
     solid[5:9, 5:9, 5:9] = 5
-    ref = forge.mesh_labels(solid, RES, simplification=False, max_error=40)
+    ref = forge.mesh_labels(solid, RES)
     assert len(filled[5].faces) == len(ref[5].faces) < len(hollow[5].faces)
     assert area(filled[5].vertices, filled[5].faces) == pytest.approx(area(ref[5].vertices, ref[5].faces))
     for level in (2, 3):  # border filling and dilation run and keep every label
-        assert set(forge.mesh_labels(block, RES, False, 40, fill_holes=level)) == {5, 6, 2**63 + 7}
+        assert set(forge.mesh_labels(block, RES, fill_holes=level)) == {5, 6, 2**63 + 7}
 
 
 def test_mesh_dir_follows_the_layer_info(tmp_path):

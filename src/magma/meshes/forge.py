@@ -1,4 +1,4 @@
-"""Forge: one block of labels -> one zmesh mesh per label, in nm, in layer coordinates.
+"""Forge: one block of labels -> one exact zmesh mesh per label, in nm, in layer coordinates.
 
 The block a task reads overlaps its high-side neighbours by one voxel, so two
 neighbouring tasks run marching cubes over the same voxel plane and their surfaces
@@ -12,7 +12,6 @@ import fastremap
 import numpy as np
 import zmesh
 
-from .. import cores
 from .shards import mapkey
 
 
@@ -65,9 +64,9 @@ def fill(labels: np.ndarray, level: int):
     return filled, holes
 
 
-def mesh_labels(labels: np.ndarray, resolution, simplification: bool, max_error: float,
-                fill_holes: int = 0) -> dict:
-    """label -> zmesh.Mesh with vertices in nm, voxel i at i * resolution (block origin 0)."""
+def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0) -> dict:
+    """label -> exact marching-cubes zmesh.Mesh, vertices in nm, voxel i at (i + 1/2) * resolution
+    (block origin 0). Not simplified: the merge simplifies each label whole (meshes/simplify.py)."""
     if not np.any(labels):
         return {}
     small, mapping = fastremap.renumber(labels, in_place=False)  # smaller dtype: faster mesher
@@ -77,49 +76,10 @@ def mesh_labels(labels: np.ndarray, resolution, simplification: bool, max_error:
     for block in blocks:
         mesher = zmesh.Mesher(tuple(float(r) for r in resolution))
         mesher.mesh(np.asfortranarray(block))
-        for i, m in _simplified(mesher, block, 100 if simplification else 0, max_error):
+        for i in mesher.ids():
+            m = mesher.get(i, reduction_factor=0, voxel_centered=True)
             label = int(original[int(i)])
             out[label] = zmesh.Mesh.concatenate(out[label], m, id=label) if label in out else m
             out[label].segid = label
         mesher.clear()
     return out
-
-
-# Labels simplified in one fork: about a second of work, so forking costs ~1% (see _simplified).
-BATCH_VOXELS = 1 << 19
-
-
-def _simplified(mesher, block: np.ndarray, reduction_factor: int, max_error: float) -> list:
-    """[(id, mesh)] for every id the mesher found, in its order.
-
-    zmesh's simplifier keeps hash tables from one `get` to the next, and their order
-    decides ties between equal-cost edge collapses: the same label comes out with other
-    faces depending on what was simplified before it (up to 1.6x the faces). So labels are
-    simplified in batches fixed by the block alone (consecutive ids up to BATCH_VOXELS
-    voxels), each batch in a fresh fork: the output never depends on cores or timing, and
-    batches run side by side when the job has spare cores (simplification is nearly all
-    of a task's time)."""
-    ids = [int(i) for i in mesher.ids()]
-
-    def get(i):
-        m = mesher.get(i, reduction_factor=reduction_factor, max_error=max_error, voxel_centered=True)
-        return m.vertices, m.faces, m.normals
-
-    if reduction_factor == 0:  # no simplifier involved
-        return [(i, zmesh.Mesh(*get(i), id=i)) for i in ids]
-    uniq, counts = fastremap.unique(block, return_counts=True)
-    size = dict(zip(uniq.tolist(), counts.tolist()))
-    batches, current, held = [], [], 0  # (voxels, ids)
-    for i in sorted(ids):
-        current.append(i)
-        held += size.get(i, 0)
-        if held >= BATCH_VOXELS:
-            batches.append((held, current))
-            current, held = [], 0
-    if current:
-        batches.append((held, current))
-    batches = [b for _, b in sorted(batches, key=lambda hb: -hb[0])]  # biggest first: even shares
-    done = {}
-    for result in cores.fork_each(lambda batch: [(i, get(i)) for i in batch], batches):
-        done.update(result)
-    return [(i, zmesh.Mesh(*done[i], id=i)) for i in ids]

@@ -1,18 +1,21 @@
 """mesh: forge per-task mesh fragments from a segmentation, then merge them per label.
 
 Stages (one snakemake run):
-  forge   grid of `shape` at `mip`, 1-voxel high-side overlap: fragments + spatial index
+  forge   grid of `shape` at `mip`, 1-voxel high-side overlap: exact marching-cubes
+          fragments (one map per task) + spatial index
   index   one task: reads what forge recorded, writes the mesh info (with the sharding
           spec, sized from the label count) and one work list per merge bucket
-  merge   a fixed number of label-hash buckets: legacy manifests `SEGID:0`, or
-          multi-LOD Draco meshes (`SEGID.index` + `SEGID`), or, sharded, per-shard
-          partial maps of encoded labels
+  merge   a fixed number of label-hash buckets: each label's fragments welded into one
+          mesh and simplified whole (so task seams leave no trace), then written as a
+          legacy fragment + manifest `SEGID:0`, a multi-LOD Draco mesh (`SEGID.index` +
+          `SEGID`), or, sharded, into per-shard partial maps of encoded labels
   shards  (sharded only) the same number of tasks, each assembling the shard files
           whose number falls to it from the partial maps
   clean   one task: removes the work lists and partial maps
 
 Intermediates live next to the meshes (`<mesh_dir>/magma-work/`, and the forge
-fragments themselves, as Igneous leaves them), so cluster and cloud runs work.
+fragment maps `<box>.frags`, which stay, as Igneous leaves its forge fragments, until a
+`mesh_delete` with `clean: true`), so cluster and cloud runs work.
 Every task rewrites whole files, so a killed job is simply run again.
 """
 from __future__ import annotations
@@ -29,10 +32,11 @@ from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, s
 from cloudvolume.lib import getprecision
 from mapbuffer import IntMap, MapBuffer
 
-from .. import layers
+from .. import cores, layers
 from ..errors import MagmaError
 from ..meshes import forge as kernel
 from ..meshes import multilod
+from ..meshes.simplify import simplify
 from ..meshes.shards import buckets, mapkey, pack, spec_for, unpack
 from ..plan import Grid, StepPlan, make_stage
 from .common import compress_arg, dtype_width, open_volume
@@ -98,7 +102,9 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
     shard = {k: p[k] for k in ("shard_index_bytes", "minishard_index_bytes", "min_shards", "max_labels_per_shard",
                                "minishard_index_encoding")}
     index_params = dict(common, task="index", **(lod if kind != "legacy" else {}), **(shard if p["sharded"] else {}))
-    merge_params = dict(common, task="merge", **(lod if kind != "legacy" else {}))
+    merge_params = dict(common, task="merge", simplification=p["simplification"],
+                        max_simplification_error=p["max_simplification_error"], compress=p["compress"],
+                        **(lod if kind != "legacy" else {}))
 
     width = dtype_width(info)
     task_bytes = float(np.prod(np.asarray(p["shape"]) + 1)) * (2 * width + 12)  # labels, renumbered copy, mesher
@@ -134,6 +140,11 @@ def spatial_name(params, core: Bbox) -> str:
     precision = max(getprecision(r) for r in params["resolution"])
     name = Bbox(core.minpt * res, core.maxpt * res).to_filename(precision) + ".spatial"
     return f"{params['mesh_dir']}/{name}" if params["spatial_index"] else f"{params['mesh_dir']}/{WORK}/forge/{name}"
+
+
+def frags_name(params, core: Bbox) -> str:
+    """Forge's fragments of one task: a MapBuffer label -> exact mesh (precomputed bytes)."""
+    return f"{params['mesh_dir']}/{core.to_filename()}.frags"
 
 
 def shard_name(spec: ShardingSpecification, number: int) -> str:
@@ -182,8 +193,7 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         labels, pad = kernel.close_dataset_edges(labels, box.minpt, box.maxpt, whole.minpt, whole.maxpt)
     labels = kernel.keep_labels(labels, params["dust_threshold"], counts, params["object_ids"],
                                 params["exclude_object_ids"])
-    meshes = kernel.mesh_labels(labels, params["resolution"], params["simplification"],
-                                params["max_simplification_error"], params["fill_holes"])
+    meshes = kernel.mesh_labels(labels, params["resolution"], params["fill_holes"])
     origin = ((box.minpt - pad) * np.asarray(params["resolution"])).astype(np.float32)
     frags, bboxes = {}, {}
     for label, m in meshes.items():
@@ -194,16 +204,11 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         bboxes[str(label)] = m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
 
     cf = CloudFiles(path)
-    d = params["mesh_dir"]
-    if params["kind"] == "sharded":
-        cf.put(f"{d}/{core.to_filename()}.frags", MapBuffer(frags, compress="zstd").tobytes(), compress=None,
-               content_type="application/x.mapbuffer")
-    elif frags:
-        cf.puts(((f"{d}/{label}:0:{core.to_filename()}", data) for label, data in frags.items()),
-                compress=compress_arg(params["compress"]), content_type="model/mesh")
+    cf.put(frags_name(params, core), MapBuffer(frags, compress="zstd").tobytes(), compress=None,
+           content_type="application/x.mapbuffer")
     # the record of what this task meshed goes last: the index stage trusts it
     cf.put_json(spatial_name(params, core), bboxes, compress=compress_arg(params["compress"]))
-    return {"voxels": int(np.prod(box.size3())), "labels": len(frags), "files": len(frags) + 1}
+    return {"voxels": int(np.prod(box.size3())), "labels": len(frags), "files": 2}
 
 
 # ---- index ------------------------------------------------------------------
@@ -248,19 +253,19 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
     if work is None:
         raise MagmaError(f"mesh merge: work list {work_list(params, bucket)} is missing; re-run the index stage")
     work = {int(k): v for k, v in work.items()}
-    if params["kind"] == "legacy":
-        cf.puts(((f"{d}/{label}:0", json.dumps({"fragments": [f"{label}:0:{b}" for b in boxes]}))
-                 for label, boxes in work.items()), compress=None, content_type="application/json")
-        return {"labels": len(work), "files": len(work)}
-
     parts = _fragments(cf, params, work)
     encoded = {}
-    for label in sorted(work):
-        whole = multilod.weld(parts[label], params["resolution"], label)
-        out = multilod.encode(label, whole, params["resolution"], params["nlod"], params["min_chunk_size"],
-                              params["vertex_quantization_bits"], params["draco_compression_level"])
-        if out is not None:
-            encoded[label] = out
+    for done in cores.fork_each(lambda batch: [(label, _finish(params, label, parts[label])) for label in batch],
+                                _batches(parts)):
+        encoded.update((label, out) for label, out in done if out is not None)
+
+    if params["kind"] == "legacy":
+        files = []
+        for label, (name, data) in encoded.items():
+            files += [(f"{d}/{name}", data), (f"{d}/{label}:0", json.dumps({"fragments": [name]}))]
+        cf.puts(files[0::2], compress=compress_arg(params["compress"]), content_type="model/mesh")
+        cf.puts(files[1::2], compress=None, content_type="application/json")  # manifests last: they publish
+        return {"labels": len(encoded), "files": len(files)}
     if params["kind"] == "multilod":
         files = []
         for label, (manifest, data) in encoded.items():
@@ -277,28 +282,57 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
     return {"labels": len(encoded), "files": len(by_shard)}
 
 
+# Faces simplified in one fork: about a second of work, so forking costs ~1%.
+BATCH_FACES = 1 << 20
+
+
+def _batches(parts: dict) -> list:
+    """Labels in batches of about BATCH_FACES forge faces, biggest first (cores.fork_each runs them,
+    side by side while the job has spare cores)."""
+    batches, current, held = [], [], 0
+    for label in sorted(parts):
+        current.append(label)
+        held += sum(len(m.faces) for m in parts[label])
+        if held >= BATCH_FACES:
+            batches.append((held, current))
+            current, held = [], 0
+    if current:
+        batches.append((held, current))
+    return [b for _, b in sorted(batches, key=lambda hb: -hb[0])]
+
+
+def _finish(params: dict, label: int, parts: list):
+    """One label's forge fragments -> its stored form: (fragment name, bytes) for legacy meshes,
+    (manifest, fragments) for multi-LOD ones; None when nothing is left."""
+    whole = multilod.weld(parts, params["resolution"], label)
+    if params["simplification"]:
+        whole = simplify(whole, params["max_simplification_error"])
+    if len(whole.faces) == 0:
+        return None
+    if params["kind"] == "legacy":
+        res = np.asarray(params["resolution"], dtype=np.float64)
+        lo = np.floor(whole.vertices.min(axis=0) / res).astype(np.int64)
+        hi = np.ceil(whole.vertices.max(axis=0) / res).astype(np.int64)
+        return f"{label}:0:{Bbox(lo, hi).to_filename()}", whole.to_precomputed()
+    return multilod.encode(label, whole, params["resolution"], params["nlod"], params["min_chunk_size"],
+                           params["vertex_quantization_bits"], params["draco_compression_level"])
+
+
 def _fragments(cf, params, work: dict) -> dict:
-    """label -> list of zmesh meshes, read from forge's fragments (one read per file)."""
+    """label -> list of zmesh meshes, read from forge's fragment maps (one read per forge task)."""
     d = params["mesh_dir"]
     parts = defaultdict(list)
-    if params["kind"] == "sharded":
-        wanted = defaultdict(list)
-        for label, boxes in work.items():
-            for b in boxes:
-                wanted[b].append(label)
-        for item in cf.get([f"{d}/{b}.frags" for b in sorted(wanted)]):
-            if item["content"] is None:
-                raise MagmaError(f"mesh merge: forge fragments {item['path']} are missing; re-run the forge stage")
-            mb = MapBuffer(item["content"])
-            b = item["path"][len(d) + 1: -len(".frags")]
-            for label in wanted[b]:
-                parts[label].append(zmesh.Mesh.from_precomputed(mb[mapkey(label)]))
-        return parts
-    names = {f"{d}/{label}:0:{b}": label for label, boxes in work.items() for b in boxes}
-    for item in cf.get(sorted(names)):
+    wanted = defaultdict(list)
+    for label, boxes in work.items():
+        for b in boxes:
+            wanted[b].append(label)
+    for item in cf.get([f"{d}/{b}.frags" for b in sorted(wanted)]):
         if item["content"] is None:
-            raise MagmaError(f"mesh merge: forge fragment {item['path']} is missing; re-run the forge stage")
-        parts[names[item["path"]]].append(zmesh.Mesh.from_precomputed(item["content"]))
+            raise MagmaError(f"mesh merge: forge fragments {item['path']} are missing; re-run the forge stage")
+        mb = MapBuffer(item["content"])
+        b = item["path"][len(d) + 1: -len(".frags")]
+        for label in wanted[b]:
+            parts[label].append(zmesh.Mesh.from_precomputed(mb[mapkey(label)]))
     return parts
 
 
