@@ -35,6 +35,19 @@ def test_fork_each_results_in_order_and_cores_come_back(spare):
     assert _free() == 1
 
 
+def test_inline_runs_in_this_process_and_forks_onto_spare_cores(spare):
+    spare(0)
+    out = cores.fork_each(lambda b: (b, os.getpid()), list(range(5)), inline=True)
+    assert out == [(b, os.getpid()) for b in range(5)]
+    spare(1)
+    big = b"x" * (4 << 20)  # more than a pipe holds: forks hand results over in a file
+    out = cores.fork_each(lambda b: (b, os.getpid(), big), list(range(6)), inline=True)
+    assert [b for b, _, _ in out] == list(range(6)) and all(x == big for _, _, x in out)
+    pids = {pid for _, pid, _ in out}
+    assert os.getpid() in pids and len(pids) > 1
+    assert _free() == 1
+
+
 def test_batches_run_side_by_side_only_on_spare_cores(spare):
     # two batches meet at a barrier: that works only if both run at the same time
     for n, meets in ((1, True), (0, False)):
@@ -60,9 +73,10 @@ def test_a_failing_batch_raises_with_its_traceback(spare):
             raise ValueError("batch two is bad")
         return b
 
-    with pytest.raises(RuntimeError, match="batch two is bad"):
-        cores.fork_each(fn, [0, 1, 2, 3])
-    assert _free() == 1
+    for inline in (False, True):
+        with pytest.raises((RuntimeError, ValueError), match="batch two is bad"):
+            cores.fork_each(fn, [0, 1, 2, 3], inline=inline)
+        assert _free() == 1
 
 
 def _blob_block():

@@ -256,7 +256,7 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
     parts = _fragments(cf, params, work)
     encoded = {}
     for done in cores.fork_each(lambda batch: [(label, _finish(params, label, parts[label])) for label in batch],
-                                _batches(parts)):
+                                _batches(parts), inline=True):
         encoded.update((label, out) for label, out in done if out is not None)
 
     if params["kind"] == "legacy":
@@ -288,7 +288,7 @@ BATCH_FACES = 1 << 20
 
 def _batches(parts: dict) -> list:
     """Labels in batches of about BATCH_FACES forge faces, biggest first (cores.fork_each runs them,
-    side by side while the job has spare cores)."""
+    in this process, and side by side in forks while the job has spare cores)."""
     batches, current, held = [], [], 0
     for label in sorted(parts):
         current.append(label)
