@@ -32,7 +32,7 @@ from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, s
 from cloudvolume.lib import getprecision
 from mapbuffer import IntMap, MapBuffer
 
-from .. import cores, layers
+from .. import chunk_files, cores, layers
 from ..errors import MagmaError
 from ..meshes import forge as kernel
 from ..meshes import multilod
@@ -144,9 +144,9 @@ def spatial_name(params, core: Bbox) -> str:
     return f"{params['mesh_dir']}/{name}" if params["spatial_index"] else f"{params['mesh_dir']}/{WORK}/forge/{name}"
 
 
-def frags_name(params, core: Bbox) -> str:
-    """Forge's fragments of one task: a MapBuffer label -> exact mesh (precomputed bytes)."""
-    return f"{params['mesh_dir']}/{core.to_filename()}.frags"
+def frags_name(params, task: str) -> str:
+    """Forge's fragments of one task (named by its core box): a MapBuffer label -> exact mesh."""
+    return f"{params['mesh_dir']}/{task}.frags"
 
 
 def shard_name(spec: ShardingSpecification, number: int) -> str:
@@ -206,7 +206,7 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         bboxes[str(label)] = m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
 
     cf = CloudFiles(path)
-    cf.put(frags_name(params, core), MapBuffer(frags, compress="zstd").tobytes(), compress=None,
+    cf.put(frags_name(params, core.to_filename()), MapBuffer(frags, compress="zstd").tobytes(), compress=None,
            content_type="application/x.mapbuffer")
     # the record of what this task meshed goes last: the index stage trusts it
     cf.put_json(spatial_name(params, core), bboxes, compress=compress_arg(params["compress"]))
@@ -262,12 +262,12 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
         encoded.update((label, out) for label, out in done if out is not None)
 
     if params["kind"] == "legacy":
-        files = []
-        for label, (name, data) in encoded.items():
-            files += [(f"{d}/{name}", data), (f"{d}/{label}:0", json.dumps({"fragments": [name]}))]
-        cf.puts(files[0::2], compress=compress_arg(params["compress"]), content_type="model/mesh")
-        cf.puts(files[1::2], compress=None, content_type="application/json")  # manifests last: they publish
-        return {"labels": len(encoded), "files": len(files)}
+        cf.puts([(f"{d}/{name}", data) for name, data in encoded.values()],
+                compress=compress_arg(params["compress"]), content_type="model/mesh")
+        # manifests last: they publish the meshes
+        cf.puts([(f"{d}/{label}:0", json.dumps({"fragments": [name]})) for label, (name, _) in encoded.items()],
+                compress=None, content_type="application/json")
+        return {"labels": len(encoded), "files": 2 * len(encoded)}
     if params["kind"] == "multilod":
         files = []
         for label, (manifest, data) in encoded.items():
@@ -321,18 +321,18 @@ def _finish(params: dict, label: int, parts: list):
 
 
 def _fragments(cf, params, work: dict) -> dict:
-    """label -> list of zmesh meshes, read from forge's fragment maps (one read per forge task)."""
-    d = params["mesh_dir"]
+    """label -> list of zmesh meshes, read from forge's fragment maps (one read per forge task),
+    in task order whatever order storage answers in: the simplifier's ties follow face order."""
     parts = defaultdict(list)
     wanted = defaultdict(list)
     for label, boxes in work.items():
         for b in boxes:
             wanted[b].append(label)
-    for item in cf.get([f"{d}/{b}.frags" for b in sorted(wanted)]):
+    tasks = sorted(wanted)
+    for b, item in zip(tasks, chunk_files.fetch(cf, [frags_name(params, b) for b in tasks])):
         if item["content"] is None:
             raise MagmaError(f"mesh merge: forge fragments {item['path']} are missing; re-run the forge stage")
         mb = MapBuffer(item["content"])
-        b = item["path"][len(d) + 1: -len(".frags")]
         for label in wanted[b]:
             parts[label].append(zmesh.Mesh.from_precomputed(mb[mapkey(label)]))
     return parts
