@@ -11,7 +11,7 @@ from cloudvolume import CloudVolume
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification
 
 from conftest import make_layer, snakemake, write_config
-from magma import skeletonize
+from magma import cores, skeletonize
 from magma.errors import MagmaError
 from magma.jobs import setup
 from magma.ops import OPS
@@ -237,20 +237,44 @@ def test_forge_options_in_process(tmp_path, data):
     assert forged(dust_global=True, dust_threshold=0) == {1, 3, BIG}
 
 
-def test_parallel_tracing_gives_the_same_skeletons(monkeypatch):
-    """What a forge task gets when its job lends it idle cores: kimimaro on several processes
-    (small pieces of work), skeletons equal to one process's, a label split into pieces too."""
+def test_tracing_label_sets_in_forks_gives_the_same_skeletons():
+    """What a forge task gets when its job lends it idle cores: its labels split into sets
+    of about equal volume, each traced in a fork with the other labels masked out;
+    skeletons equal to one process's, labels that come in pieces too."""
     labels = tubes()
     labels[60:64, :, :] = 0  # cut the tubes along x: labels 1 and BIG come in pieces
-    one = skeletonize.forge(labels.copy(), RES, TEASAR, 1000, parallel=1)
-    two = skeletonize.forge(labels.copy(), RES, TEASAR, 1000, parallel=2)
+    assert labels.size >= skeletonize.PARALLEL_MIN_VOXELS
+    calls = []
+
+    def forks(fn, sets):
+        calls.append(sets)
+        return cores.fork_each(fn, sets, inline=True)
+
+    one = skeletonize.forge(labels.copy(), RES, TEASAR, 1000, parallel=1, map_fn=forks)
+    assert calls == []
+    cores.start(1)  # one idle core: one set runs in this process, the other in a fork
+    try:
+        two = skeletonize.forge(labels.copy(), RES, TEASAR, 1000, parallel=2, map_fn=forks)
+        assert cores.spare(4) == 1  # the fork's core came back
+    finally:
+        cores.stop()
+    assert len(calls) == 1 and len(calls[0]) == 2 and sorted(sum(calls[0], [])) == sorted(one)
     assert sorted(one) == sorted(two) and len(one) == 3
     for label in one:
         a, b = one[label], two[label]
         assert np.array_equal(a.vertices, b.vertices), label
         assert np.array_equal(a.edges, b.edges), label
         assert np.array_equal(a.radii, b.radii), label
-    assert skeletonize.helpers_fit(64**3, 3) == 0  # small blocks: not worth spawning
-    assert skeletonize.helpers_fit(256**3, 3) in (0, 3)
-    monkeypatch.setattr(skeletonize.shutil, "disk_usage", lambda p: type("U", (), {"free": 10**6})())
-    assert skeletonize.helpers_fit(256**3, 3) == 0  # /dev/shm too small for kimimaro's arrays
+
+
+def test_label_sets_balance_volume():
+    labels = np.zeros((10, 10, 10), dtype=np.uint64, order="F")
+    labels.flat[:500] = 7
+    labels.flat[500:700] = 3
+    labels.flat[700:850] = 9
+    labels.flat[850:900] = 2**64 - 1
+    assert skeletonize.label_sets(labels, 2) == [[7], [3, 9, 2**64 - 1]]
+    assert skeletonize.label_sets(labels, 8) == [[7], [3], [9], [2**64 - 1]]
+    assert skeletonize.label_sets(np.zeros((4, 4, 4), dtype=np.uint64), 2) == []
+
+

@@ -4,8 +4,8 @@ A batch job runs its tasks on up to `threads` worker processes. When it has fewe
 tasks than cores (a stage of one big task) or fewer tasks left than workers (the
 tail of a stage whose tasks are uneven), cores sit idle. Kernels whose work splits
 into independent items borrow them: `fork_each` runs batches of items in forks of the
-task's process (mesh simplification), `borrow`/`give_back` lend cores to a kernel
-with its own workers (kimimaro's `parallel`).
+task's process (mesh simplification, skeleton tracing by label sets), `borrow`/`give_back`
+lend cores to a kernel with its own workers.
 
 The count is a semaphore created by the job before its workers fork, so every
 process of the job shares it. Outside a batch job nothing is spare.
@@ -46,6 +46,14 @@ def borrow(most: int) -> int:
     while _spare is not None and got < most and _spare.acquire(block=False):
         got += 1
     return got
+
+
+def spare(most: int) -> int:
+    """How many cores are spare now (up to `most`), without taking them: a hint for how
+    many pieces to cut work into before `fork_each` borrows them."""
+    n = borrow(most)
+    give_back(n)
+    return n
 
 
 def give_back(n: int) -> None:

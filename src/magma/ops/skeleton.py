@@ -34,7 +34,7 @@ from .common import open_volume
 
 FRAGS = "frags"
 MAX_MERGE_TASKS = 4096
-MAX_HELPERS = 63  # extra tracing processes a forge task may take from its job's idle cores
+MAX_HELPERS = 63  # extra tracing forks a forge task may run on its job's idle cores
 BYTES_PER_VOXEL = 24  # labels + kimimaro's distance fields on the block, measured ~20 B/voxel
 
 
@@ -168,12 +168,11 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
     res = vol.meta.resolution(mip)
     labels = _labels(vol, box, params, path)
     dust = 0 if params["dust_global"] else params["dust_threshold"]
-    extra = cores.borrow(skeletonize.helpers_fit(labels.size, MAX_HELPERS))  # idle cores of this job
-    try:
-        skels = skeletonize.forge(labels, res, params["teasar_params"], dust, params["fix_branching"],
-                                  params["fix_borders"], params["fix_avocados"], params["fill_holes"], 1 + extra)
-    finally:
-        cores.give_back(extra)
+    # idle cores of this job trace label sets in forks of this task
+    sets = 1 + cores.spare(MAX_HELPERS)
+    skels = skeletonize.forge(labels, res, params["teasar_params"], dust, params["fix_branching"],
+                              params["fix_borders"], params["fix_avocados"], params["fill_holes"], sets,
+                              lambda fn, items: cores.fork_each(fn, items, inline=True))
     del labels
     if params["cross_sectional_area"] and skels:
         big = Bbox.clamp(Bbox(box.minpt - params["cross_sectional_area_shape_delta"],
