@@ -705,8 +705,52 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def _cpu_work() -> float:
+    t = time.perf_counter()
+    x = 0
+    for i in range(20_000_000):
+        x += i
+    return time.perf_counter() - t
+
+
+def _memory_work() -> float:
+    a = np.ones(64_000_000)  # 512 MB: far beyond any cache, so every pass streams from memory
+    t = time.perf_counter()
+    for _ in range(16):
+        a *= 1.0001
+    return time.perf_counter() - t
+
+
+def _speedup(fn, n: int, rounds: int = 5) -> float:
+    """How much more work n processes at once get done than one alone (n = perfect scaling):
+    the median of alternating rounds, as a shared VM's speed drifts from second to second."""
+    ratios = []
+    with get_context("fork").Pool(n) as pool:
+        for _ in range(rounds):
+            alone = fn()
+            together = pool.starmap(fn, [()] * n, chunksize=1)
+            ratios.append(n * alone / max(together))
+    return float(np.median(ratios))
+
+
+def scaling_probe(n: int) -> dict:
+    """What n cores give on this machine: pure CPU work and memory-streaming work, n processes
+    at once against one alone. Memory-heavy kernels (kimimaro, the simplifier, marching cubes
+    over large blocks) cannot speed up more than the memory figure allows."""
+    return {"cores": n, "cpu": _speedup(_cpu_work, n), "memory": _speedup(_memory_work, n)} if n > 1 else {}
+
+
 def log(msg: str) -> None:
     print(f"{datetime.datetime.now():%H:%M:%S} {msg}", flush=True)
+
+
+def probe_text(data: dict) -> str:
+    p = data.get("probe")
+    if not p:
+        return ""
+    return (f"This machine's own scaling, {p['cores']} processes at once against one alone: pure CPU work "
+            f"{p['cpu']:.2f}x the throughput, memory-streaming work {p['memory']:.2f}x. The second figure caps the "
+            "speed-up of memory-heavy kernels from 1 to {0} cores.\n\n".format(p["cores"]))
 
 
 def write_table(rows: list, data: dict, args) -> str:
@@ -726,7 +770,7 @@ def write_table(rows: list, data: dict, args) -> str:
             "ratio = magma wall / Igneous wall. Files: data files written (magma also writes markers, logs and "
             "Snakemake metadata: the bookkeeping count). magma jobs: Snakemake batch jobs and the sum of their "
             "task time. Floors: the tinybrain/numpy kernel on the whole array in one process, and CloudVolume "
-            "reading the input and writing the output bytes with no compute.\n\n" + table(rows) + "\n")
+            "reading the input and writing the output bytes with no compute.\n\n" + probe_text(data) + table(rows) + "\n")
     out.write_text(text)
     log(f"table written to {out}")
     return text
@@ -750,6 +794,9 @@ def main(argv=None) -> int:
     cores_list = [int(c) for c in args.cores.split(",")]
     igneous = igneous_exe(Path(args.igneous_venv))
     data = make_dataset(work, args.scale, max(cores_list))
+    data["probe"] = scaling_probe(max(cores_list))
+    if data["probe"]:
+        log("scaling probe: " + probe_text(data).strip())
     all_ops = ops(args.num_mips)
     chosen = list(all_ops) if args.ops == "all" else [o.strip() for o in args.ops.split(",")]
     rows = []
