@@ -101,15 +101,16 @@ def test_merge_simplification_ignores_cores(spare, monkeypatch):
 
     def merged():
         out = {}
+        sizes = {lab: sum(len(m.faces) for m in ms) for lab, ms in parts.items()}
         for done in cores.fork_each(lambda batch: [(lab, mesh_op._finish(params, lab, parts[lab])) for lab in batch],
-                                    mesh_op._batches(parts)):
+                                    mesh_op._batches(sizes)):
             out.update(done)
         return out
 
     spare(0)
     alone = merged()
-    monkeypatch.setattr(mesh_op, "BATCH_FACES", 1)
-    assert len(mesh_op._batches(parts)) == len(parts)
+    monkeypatch.setattr(mesh_op, "BATCH_BYTES", 1)
+    assert len(mesh_op._batches({lab: 1 for lab in parts})) == len(parts)
     spare(1)
     assert merged() == alone
     assert set(alone) == set(parts) and all(len(v[1]) > 0 for v in alone.values())
@@ -145,3 +146,22 @@ def test_processes_a_job_spawns_keep_freed_memory_too():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["0", str(2**31 - 1)]
+
+
+def test_forge_label_batches_ignore_cores(spare):
+    """Forge extracts its labels' meshes in batches, in forks while the job has spare cores:
+    every mesh is the same, vertex for vertex, as one process extracting them all."""
+    block = _blob_block()
+    alone = forge.mesh_labels(block, RES)
+    seen = []
+
+    def forks(fn, batches):
+        seen.append(len(batches))
+        return cores.fork_each(fn, batches, inline=True)
+
+    spare(1)
+    split = forge.mesh_labels(block, RES, map_fn=forks)
+    assert seen == [forge.GET_BATCHES] and _free() == 1
+    assert sorted(split) == sorted(alone) and len(alone) == 22
+    for label, m in alone.items():
+        assert np.array_equal(m.vertices, split[label].vertices) and np.array_equal(m.faces, split[label].faces)

@@ -64,22 +64,46 @@ def fill(labels: np.ndarray, level: int):
     return filled, holes
 
 
-def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0) -> dict:
+# label batches a block's meshes are extracted in: enough that a core which frees up part-way
+# through a big task still finds batches to take
+GET_BATCHES = 8
+
+
+def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=None, finish=None) -> dict:
     """label -> exact marching-cubes zmesh.Mesh, vertices in nm, voxel i at (i + 1/2) * resolution
-    (block origin 0). Not simplified: the merge simplifies each label whole (meshes/simplify.py)."""
+    (block origin 0), or what `finish(mesh)` makes of it. Not simplified: the merge simplifies
+    each label whole (meshes/simplify.py).
+
+    Marching cubes over the block is quick; turning each label's triangles into a mesh (and
+    `finish`ing it) is most of the work, so it runs in label batches through
+    `map_fn(fn, batches)` (forks that share the meshers when the job has spare cores).
+    Each label's mesh is the same however it runs."""
     if not np.any(labels):
         return {}
+    map_fn = map_fn or (lambda fn, items: [fn(x) for x in items])
     small, mapping = fastremap.renumber(labels, in_place=False)  # smaller dtype: faster mesher
     original = {v: k for k, v in mapping.items()}
-    blocks = list(fill(small, fill_holes)) if fill_holes else [small]
-    out = {}
-    for block in blocks:
+    meshers = []
+    for block in (fill(small, fill_holes) if fill_holes else [small]):  # the labels, then filled holes
         mesher = zmesh.Mesher(tuple(float(r) for r in resolution))
         mesher.mesh(np.asfortranarray(block))
-        for i in mesher.ids():
-            m = mesher.get(i, reduction_factor=0, voxel_centered=True)
-            label = int(original[int(i)])
-            out[label] = zmesh.Mesh.concatenate(out[label], m, id=label) if label in out else m
-            out[label].segid = label
-        mesher.clear()
-    return out
+        meshers.append((mesher, {int(i) for i in mesher.ids()}))
+    ids = sorted(set().union(*(has for _, has in meshers)))
+    size = max(1, -(-len(ids) // GET_BATCHES))
+
+    def get(batch):
+        out = []
+        for i in batch:
+            label = int(original[i])
+            parts = [m.get(i, reduction_factor=0, voxel_centered=True) for m, has in meshers if i in has]
+            mesh = parts[0] if len(parts) == 1 else zmesh.Mesh.concatenate(*parts, id=label)
+            mesh.segid = label
+            out.append((label, finish(mesh) if finish else mesh))
+        return out
+
+    result = {}
+    for done in map_fn(get, [ids[k:k + size] for k in range(0, len(ids), size)]):
+        result.update(done)
+    for m, _ in meshers:
+        m.clear()
+    return result

@@ -31,6 +31,7 @@ from cloudvolume import Bbox
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, synthesize_shard_files
 from cloudvolume.lib import getprecision
 from mapbuffer import IntMap, MapBuffer
+from mapbuffer.compression import zstd_compress, zstd_decompress
 
 from .. import chunk_files, cores, layers
 from ..errors import MagmaError
@@ -145,7 +146,8 @@ def spatial_name(params, core: Bbox) -> str:
 
 
 def frags_name(params, task: str) -> str:
-    """Forge's fragments of one task (named by its core box): a MapBuffer label -> exact mesh."""
+    """Forge's fragments of one task (named by its core box): a MapBuffer label -> exact mesh
+    (precomputed mesh bytes, each a zstd frame)."""
     return f"{params['mesh_dir']}/{task}.frags"
 
 
@@ -195,18 +197,23 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         labels, pad = kernel.close_dataset_edges(labels, box.minpt, box.maxpt, whole.minpt, whole.maxpt)
     labels = kernel.keep_labels(labels, params["dust_threshold"], counts, params["object_ids"],
                                 params["exclude_object_ids"])
-    meshes = kernel.mesh_labels(labels, params["resolution"], params["fill_holes"])
     origin = ((box.minpt - pad) * np.asarray(params["resolution"])).astype(np.float32)
-    frags, bboxes = {}, {}
-    for label, m in meshes.items():
+
+    def finish(m):  # in layer nm; stored compressed, so the forks share the compression too
         if len(m.faces) == 0:
-            continue
+            return None
         m.vertices += origin
-        frags[label] = m.to_precomputed()
-        bboxes[str(label)] = m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
+        return zstd_compress(m.to_precomputed()), m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
+
+    # idle cores of this job extract label batches in forks of this task
+    meshes = kernel.mesh_labels(labels, params["resolution"], params["fill_holes"],
+                                lambda fn, items: cores.fork_each(fn, items, inline=True), finish)
+    done = {label: out for label, out in meshes.items() if out is not None}
+    frags = {label: data for label, (data, _) in done.items()}
+    bboxes = {str(label): bbox for label, (_, bbox) in done.items()}
 
     cf = CloudFiles(path)
-    cf.put(frags_name(params, core.to_filename()), MapBuffer(frags, compress="zstd").tobytes(), compress=None,
+    cf.put(frags_name(params, core.to_filename()), MapBuffer(frags).tobytes(), compress=None,
            content_type="application/x.mapbuffer")
     # the record of what this task meshed goes last: the index stage trusts it
     cf.put_json(spatial_name(params, core), bboxes, compress=compress_arg(params["compress"]))
@@ -256,9 +263,13 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
         raise MagmaError(f"mesh merge: work list {work_list(params, bucket)} is missing; re-run the index stage")
     work = {int(k): v for k, v in work.items()}
     parts = _fragments(cf, params, work)
+
+    def run(batch):  # decoding happens here too, so it shares the spare cores
+        return [(label, _finish(params, label, [_decode(b) for b in parts[label]])) for label in batch]
+
     encoded = {}
-    for done in cores.fork_each(lambda batch: [(label, _finish(params, label, parts[label])) for label in batch],
-                                _batches(parts), inline=True):
+    for done in cores.fork_each(run, _batches({label: sum(map(len, p)) for label, p in parts.items()}),
+                                inline=True):
         encoded.update((label, out) for label, out in done if out is not None)
 
     if params["kind"] == "legacy":
@@ -284,23 +295,28 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
     return {"labels": len(encoded), "files": len(by_shard)}
 
 
-# Faces simplified in one fork: about a second of work, so forking costs ~1%.
-BATCH_FACES = 1 << 20
+# Stored fragment bytes (zstd) simplified in one batch: about a second of work, so forking costs ~1%.
+BATCH_BYTES = 4 << 20
 
 
-def _batches(parts: dict) -> list:
-    """Labels in batches of about BATCH_FACES forge faces, biggest first (cores.fork_each runs them,
-    in this process, and side by side in forks while the job has spare cores)."""
+def _batches(sizes: dict) -> list:
+    """Labels in batches of about BATCH_BYTES of stored fragments, biggest batch first
+    (cores.fork_each runs them, in this process, and side by side in forks while the job
+    has spare cores)."""
     batches, current, held = [], [], 0
-    for label in sorted(parts):
+    for label in sorted(sizes):
         current.append(label)
-        held += sum(len(m.faces) for m in parts[label])
-        if held >= BATCH_FACES:
+        held += sizes[label]
+        if held >= BATCH_BYTES:
             batches.append((held, current))
             current, held = [], 0
     if current:
         batches.append((held, current))
     return [b for _, b in sorted(batches, key=lambda hb: -hb[0])]
+
+
+def _decode(stored: bytes) -> zmesh.Mesh:
+    return zmesh.Mesh.from_precomputed(zstd_decompress(stored))
 
 
 def _finish(params: dict, label: int, parts: list):
@@ -321,8 +337,9 @@ def _finish(params: dict, label: int, parts: list):
 
 
 def _fragments(cf, params, work: dict) -> dict:
-    """label -> list of zmesh meshes, read from forge's fragment maps (one read per forge task),
-    in task order whatever order storage answers in: the simplifier's ties follow face order."""
+    """label -> its fragments as stored (zstd precomputed meshes), read from forge's fragment maps
+    (one read per forge task), in task order whatever order storage answers in: the
+    simplifier's ties follow face order."""
     parts = defaultdict(list)
     wanted = defaultdict(list)
     for label, boxes in work.items():
@@ -334,7 +351,7 @@ def _fragments(cf, params, work: dict) -> dict:
             raise MagmaError(f"mesh merge: forge fragments {item['path']} are missing; re-run the forge stage")
         mb = MapBuffer(item["content"])
         for label in wanted[b]:
-            parts[label].append(zmesh.Mesh.from_precomputed(mb[mapkey(label)]))
+            parts[label].append(mb[mapkey(label)])
     return parts
 
 
