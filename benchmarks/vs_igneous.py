@@ -749,8 +749,8 @@ def probe_text(data: dict) -> str:
     if not p:
         return ""
     return (f"This machine's own scaling, {p['cores']} processes at once against one alone: pure CPU work "
-            f"{p['cpu']:.2f}x the throughput, memory-streaming work {p['memory']:.2f}x. The second figure caps the "
-            "speed-up of memory-heavy kernels from 1 to {0} cores.\n\n".format(p["cores"]))
+            f"{p['cpu']:.2f}x the throughput, memory-streaming work {p['memory']:.2f}x. A kernel's speed-up from "
+            "1 to {0} cores falls between the two, by how much of its time it waits on memory.\n\n".format(p["cores"]))
 
 
 def write_table(rows: list, data: dict, args) -> str:

@@ -29,9 +29,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _done = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    # and for processes a kernel starts afresh (kimimaro's parallel mode spawns its
-    # workers): without this, their page faults made a 2-process skeleton forge cost 1.6x
-    # the CPU of one process
+    # and for processes a kernel starts afresh (a spawned worker pool, as kimimaro's
+    # parallel mode uses): without this, their page faults made a 2-process skeleton
+    # forge cost 1.6x the CPU of one process
     os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1))
     return _done
