@@ -12,8 +12,6 @@ speed-up past the throughput ratio printed last.
 from __future__ import annotations
 
 import argparse
-import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -24,40 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from magma import malloc, skeletonize  # noqa: E402
+from magma import config, cores, malloc, skeletonize  # noqa: E402
 from vs_igneous import make_dataset  # noqa: E402
 
-TEASAR = dict(scale=4, const=10, pdrf_exponent=4, pdrf_scale=100000, soma_detection_threshold=1100,
-              soma_acceptance_threshold=3500, soma_invalidation_scale=1.0, soma_invalidation_const=300)
 
-
-def trace(labels, resolution, ids) -> float:
+def trace(labels, resolution, step: dict, ids) -> float:
+    """Seconds kimimaro takes on the labels `ids` with the skeleton step's settings."""
     import kimimaro
 
+    teasar = {k: v for k, v in step["teasar_params"].items() if v is not None}
     t = time.perf_counter()
-    kimimaro.skeletonize(labels, TEASAR, object_ids=ids, anisotropy=tuple(resolution), dust_threshold=1000,
-                         progress=False, fix_branching=True, fix_borders=True, parallel=1)
+    kimimaro.skeletonize(labels, teasar, object_ids=ids, anisotropy=tuple(resolution),
+                         dust_threshold=step["dust_threshold"], progress=False, fix_branching=step["fix_branching"],
+                         fix_borders=step["fix_borders"], parallel=1)
     return time.perf_counter() - t
-
-
-def side_by_side(fn, items) -> list:
-    """fn(item) for every item, each in its own fork, all at once; their own durations."""
-    pids = []
-    for item in items:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            os.write(w, pickle.dumps(fn(item)))
-            os._exit(0)
-        os.close(w)
-        pids.append((pid, r))
-    out = []
-    for pid, r in pids:
-        with os.fdopen(r, "rb") as f:
-            out.append(pickle.loads(f.read()))
-        os.waitpid(pid, 0)
-    return out
 
 
 def main(argv=None) -> int:
@@ -70,13 +48,20 @@ def main(argv=None) -> int:
     malloc.keep_freed_memory()  # as batch jobs run
     data = make_dataset(Path(args.work).resolve(), args.scale, 2)
     cv = CloudVolume(data["paths"]["seg"], progress=False)
+    # the settings a skeleton step gets by default (Igneous's CLI defaults)
+    step = config.validate({"layers": {"seg": data["paths"]["seg"]},
+                            "steps": {"sk": {"op": "skeleton", "layer": "seg"}}})["steps"]["sk"]
     labels = np.asfortranarray(cv[:, :, :][..., 0])
     sets = skeletonize.label_sets(labels, 2)
     print(f"{'x'.join(map(str, labels.shape))} voxels, {sum(map(len, sets))} labels in 2 sets of equal volume",
           flush=True)
-    alone = [trace(labels, cv.resolution, ids) for ids in sets]
+    alone = [trace(labels, cv.resolution, step, ids) for ids in sets]
     print(f"kimimaro, one set after the other: {alone[0]:.1f} + {alone[1]:.1f} s", flush=True)
-    together = side_by_side(lambda ids: trace(labels, cv.resolution, ids), sets)
+    cores.start(len(sets) - 1)  # as a batch job lends its idle cores: every set in a fork, all at once
+    try:
+        together = cores.fork_each(lambda ids: trace(labels, cv.resolution, step, ids), sets)
+    finally:
+        cores.stop()
     print(f"kimimaro, side by side:            {together[0]:.1f} and {together[1]:.1f} s", flush=True)
     print(f"throughput of two processes against one: {sum(alone) / max(together):.2f}x")
     return 0

@@ -118,6 +118,12 @@ def fork_each(fn, batches: list, inline: bool = False) -> list:
     return results
 
 
+def spread(fn, batches: list) -> list:
+    """`fork_each(fn, batches, inline=True)`: the `map_fn` a kernel takes to run its batches
+    on this process's core and, while the job has spare cores, in forks beside it."""
+    return fork_each(fn, batches, inline=True)
+
+
 def _fork_one(fn, batch) -> tuple:
     """(pipe read end, pid, result file): the fork pickles fn(batch) into the file, which
     it shares with this process, so it never waits on this process to read a pipe."""

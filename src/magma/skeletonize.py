@@ -68,7 +68,7 @@ def label_sets(labels: np.ndarray, n: int) -> list:
 
 def forge(labels: np.ndarray, anisotropy, teasar_params: dict, dust_threshold: int = 1000,
           fix_branching: bool = True, fix_borders: bool = True, fix_avocados: bool = False,
-          fill_holes: int = 0, parallel: int = 1, map_fn=None) -> dict:
+          fill_holes: int = 0, parallel: int = 1, map_fn=map) -> dict:
     """kimimaro skeletons {label: Skeleton} of `labels` (x, y, z); kimimaro puts the centre
     of voxel i at i * anisotropy nm, so the caller shifts vertices into layer coordinates.
 
@@ -79,7 +79,6 @@ def forge(labels: np.ndarray, anisotropy, teasar_params: dict, dust_threshold: i
     components, distance field: ~5% of tracing), far less than kimimaro's own parallel
     mode loses to uneven pieces. Avocados pair two labels, so they trace together."""
     teasar = {k: v for k, v in teasar_params.items() if v is not None}
-    map_fn = map_fn or (lambda fn, items: [fn(x) for x in items])
 
     def trace(arr, object_ids=None):
         return kimimaro.skeletonize(arr, teasar, anisotropy=tuple(anisotropy), dust_threshold=dust_threshold,

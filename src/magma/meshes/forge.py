@@ -69,7 +69,7 @@ def fill(labels: np.ndarray, level: int):
 GET_BATCHES = 8
 
 
-def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=None, finish=None) -> dict:
+def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=map, finish=None) -> dict:
     """label -> exact marching-cubes zmesh.Mesh, vertices in nm, voxel i at (i + 1/2) * resolution
     (block origin 0), or what `finish(mesh)` makes of it. Not simplified: the merge simplifies
     each label whole (meshes/simplify.py).
@@ -80,7 +80,6 @@ def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=None
     Each label's mesh is the same however it runs."""
     if not np.any(labels):
         return {}
-    map_fn = map_fn or (lambda fn, items: [fn(x) for x in items])
     small, mapping = fastremap.renumber(labels, in_place=False)  # smaller dtype: faster mesher
     original = {v: k for k, v in mapping.items()}
     meshers = []

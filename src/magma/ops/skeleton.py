@@ -172,7 +172,7 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
     sets = 1 + cores.spare(MAX_HELPERS)
     skels = skeletonize.forge(labels, res, params["teasar_params"], dust, params["fix_branching"],
                               params["fix_borders"], params["fix_avocados"], params["fill_holes"], sets,
-                              lambda fn, items: cores.fork_each(fn, items, inline=True))
+                              cores.spread)
     del labels
     if params["cross_sectional_area"] and skels:
         big = Bbox.clamp(Bbox(box.minpt - params["cross_sectional_area_shape_delta"],
