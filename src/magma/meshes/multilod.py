@@ -22,11 +22,16 @@ from cloudvolume.datasource.precomputed.mesh.multilod import (
 )
 
 
-def weld(parts: list, resolution, label: int) -> zmesh.Mesh:
+def weld(parts: list, resolution, label: int, distinct: bool = False) -> zmesh.Mesh:
     """Join a label's forge fragments into one mesh, merging the vertices neighbouring
     tasks share on their seams. Those lie on the half-voxel lattice, so rounding to
     1/16 voxel merges them even when float sums differ in the last bit (one sort;
-    zmesh's merge_close_vertices took 50x longer)."""
+    zmesh's merge_close_vertices took 50x longer).
+
+    `distinct`: each part's own vertices are distinct (zmesh's meshes are), so a label
+    one task meshed whole needs no welding."""
+    if distinct and len(parts) == 1:
+        return zmesh.Mesh(parts[0].vertices, parts[0].faces, None, id=label)
     mesh = zmesh.Mesh.concatenate(*parts, id=label)
     if len(mesh.faces) == 0:
         return mesh
