@@ -17,7 +17,7 @@ from cloudvolume import Bbox
 from cloudvolume.chunks import decode
 from cloudvolume.lib import xyzrange
 
-from . import layers
+from . import layers, storage
 from .errors import MagmaError
 
 
@@ -62,7 +62,7 @@ def read_chunks(path: str, meta, mip: int, box: Bbox, fill_missing: bool = False
     time (the codec is CloudVolume's); a missing chunk is an error naming it, or
     `background` with fill_missing."""
     chunks = chunks_in(meta, mip, box)
-    files = fetch(CloudFiles(path), [key for key, _ in chunks])
+    files = fetch(storage.files(path), [key for key, _ in chunks])
     dtype = np.dtype(meta.data_type)
     for i, ((key, cbox), got) in enumerate(zip(chunks, files)):
         files[i] = None  # each compressed chunk is freed once decoded
@@ -101,7 +101,7 @@ def read_channel(path: str, meta, mip: int, box: Bbox, channel: int = 0, fill_mi
     dtype = np.dtype(meta.data_type).newbyteorder("<")
     out = np.zeros(tuple(box.size3()), dtype=out_dtype or dtype.newbyteorder("="), order="F")
     chunks = chunks_in(meta, mip, box)
-    cf = CloudFiles(path)
+    cf = storage.files(path)
     sizes = [int(np.prod(cbox.size3())) * dtype.itemsize for _, cbox in chunks]
     # only the start of each file: up to the channel wanted (a third of a 3-channel chunk)
     files = fetch(cf, [{"path": key, "start": 0, "end": prefix_budget(n * (channel + 1))}

@@ -20,7 +20,6 @@ from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import numpy as np
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 
@@ -85,7 +84,7 @@ def missing_chunks(path: str, info: dict, mip: int, box: Bbox, limit: int) -> li
         return None
     key = m.key(mip)
     expected = {name for name, _ in chunk_files.chunks_in(m, mip, box)}
-    stored = set(CloudFiles(path).list(prefix=f"{key}/"))
+    stored = set(storage.files(path).list(prefix=f"{key}/"))
     return sorted(expected - stored)
 
 
@@ -110,13 +109,13 @@ def setup(spec: dict, marker: str, logfile=None) -> None:
     if spec.get("preflight") is not None:  # the op's own checks of what it reads (e.g. every input file)
         OPS[spec["op"]].preflight(spec["step"], spec["preflight"])
     for layer, info in spec["infos"].items():
-        stored = CloudFiles(spec["paths"][layer]).get_json("info")
+        stored = storage.files(spec["paths"][layer]).get_json("info")
         info = layers.with_results(info, stored)  # e.g. rois found by an earlier roi step
         vol = CloudVolume(spec["paths"][layer], info=info, progress=False)
         vol.commit_info()
         log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/info ({len(info['scales'])} scales)")
     for layer, files in spec.get("files", {}).items():
-        cf = CloudFiles(spec["paths"][layer])
+        cf = storage.files(spec["paths"][layer])
         for name, content in files.items():
             cf.put_json(name, content, cache_control="no-cache")
             log.info(f"[{spec['step']}] wrote {spec['paths'][layer]}/{name}")

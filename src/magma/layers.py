@@ -11,11 +11,11 @@ import copy
 import json
 
 import numpy as np
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox, Vec
 from cloudvolume.datasource.precomputed.metadata import PrecomputedMetadata
 
 from .errors import MagmaError
+from . import storage
 from .storage import describe_error
 
 # encoding -> (allowed dtypes, allowed layer types); None = any
@@ -40,7 +40,7 @@ def meta(info: dict) -> PrecomputedMetadata:
 def read_info(name: str, path: str) -> dict:
     """The info file of layer `name`, or a MagmaError saying where it was looked for."""
     try:
-        raw = CloudFiles(path).get("info")
+        raw = storage.files(path).get("info")
     except Exception as exc:  # unreachable storage, missing bucket, bad credentials
         raise MagmaError(f"layer '{name}': cannot read {path}/info: {describe_error(path, exc)}") from exc
     if raw is None:

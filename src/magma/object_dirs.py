@@ -25,7 +25,7 @@ from cloudvolume.datasource.precomputed.sharding import (
     synthesize_shard_files,
 )
 
-from . import label_files
+from . import label_files, storage
 from .errors import MagmaError
 from .plan import Grid, StepPlan, make_stage
 
@@ -75,7 +75,7 @@ def intermediate(name: str, multires: bool) -> bool:
 
 
 def delete_task(params: dict, box, paths: dict) -> dict:
-    cf = CloudFiles(_join(paths[params["layer"]], params["dir"]))
+    cf = storage.files(_join(paths[params["layer"]], params["dir"]))
     task = int(box.minpt.x)
     names = label_files.names(cf, label_files.prefixes(params["magnitude"])[task], params["magnitude"], recursive=True)
     if params["clean"]:
@@ -122,8 +122,8 @@ def plan_transfer(kind: str, op: str, ctx, name: str, p: dict, shard_tasks: int)
 
 
 def _dirs(params: dict, paths: dict):
-    return (CloudFiles(_join(paths[params["src"]], params["src_dir"])),
-            CloudFiles(_join(paths[params["dest"]], params["dest_dir"])))
+    return (storage.files(_join(paths[params["src"]], params["src_dir"])),
+            storage.files(_join(paths[params["dest"]], params["dest_dir"])))
 
 
 def copy_task(params: dict, box, paths: dict) -> dict:
@@ -162,7 +162,7 @@ def spec_task(params: dict, box, paths: dict) -> dict:
     """Choose the sharding from the label count, write the destination info and the work lists."""
     src, dest = _dirs(params, paths)
     info = _src_info(src, params["kind"])
-    work = CloudFiles(_join(paths[params["dest"]], params["dest_dir"]) + "/" + WORK)
+    work = storage.files(_join(paths[params["dest"]], params["dest_dir"]) + "/" + WORK)
     if "sharding" in info:  # already sharded: the shards stage copies the shard files as they are
         dest.put_json("info", info)
         work.put_json("plan.json", {"mode": "copy", "shard_bits": ShardingSpecification.from_dict(info["sharding"]).shard_bits})
@@ -181,7 +181,7 @@ def spec_task(params: dict, box, paths: dict) -> dict:
     res = None
     if params["kind"] == "mesh" and info.get("@type") != MULTIRES:
         # legacy vertices are nm; the multi-LOD model space is voxels of the mip the meshes were made at
-        layer = CloudFiles(paths[params["src"]]).get_json("info")
+        layer = storage.files(paths[params["src"]]).get_json("info")
         res = layer["scales"][int(info.get("mip", 0))]["resolution"]
         out = {"@type": MULTIRES, "mip": info.get("mip", 0), "vertex_quantization_bits": params["vertex_quantization_bits"],
                "transform": [res[0], 0, 0, 0, 0, res[1], 0, 0, 0, 0, res[2], 0], "lod_scale_multiplier": 1.0,
@@ -200,7 +200,7 @@ def spec_task(params: dict, box, paths: dict) -> dict:
 def shards_task(params: dict, box, paths: dict) -> dict:
     src, dest = _dirs(params, paths)
     task = int(box.minpt.x)
-    work = CloudFiles(_join(paths[params["dest"]], params["dest_dir"]) + "/" + WORK)
+    work = storage.files(_join(paths[params["dest"]], params["dest_dir"]) + "/" + WORK)
     plan = work.get_json("plan.json")
     if plan["mode"] == "copy":
         names = [n for n in label_files.shard_names(plan["shard_bits"], task, params["tasks"]) if src.exists(n)]
@@ -262,7 +262,7 @@ def _get_all(cf: CloudFiles, names: list) -> dict:
 
 
 def cleanup_task(params: dict, box, paths: dict) -> dict:
-    work = CloudFiles(_join(paths[params["dest"]], params["dest_dir"]) + "/" + WORK)
+    work = storage.files(_join(paths[params["dest"]], params["dest_dir"]) + "/" + WORK)
     names = list(work.list())
     work.delete(names)
     return {"files_deleted": len(names)}

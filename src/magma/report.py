@@ -18,7 +18,7 @@ from glob import glob
 import numpy as np
 from cloudvolume import Bbox, CloudVolume
 
-from . import layers, neuroglancer
+from . import layers, neuroglancer, storage
 
 MAX_SIDE = 1024  # largest slice read, per side (a central crop beyond that)
 MIN_SIDE = 512  # small slices are enlarged (nearest neighbour) to about this
@@ -193,9 +193,7 @@ MAX_OBJECTS = 2000  # mesh/skeleton statistics read at most this many objects
 def _stored_labels(path: str, folder: str, sharded_reader=None) -> list:
     """Label ids with a stored mesh/skeleton: names like `123`, `123:0`, `123.index`
     (unsharded), or every label of every shard (sharded)."""
-    from cloudfiles import CloudFiles
-
-    cf = CloudFiles(path)
+    cf = storage.files(path)
     labels = set()
     if sharded_reader is not None:
         for name in cf.list(prefix=f"{folder}/"):
@@ -286,11 +284,10 @@ def ccl_sizes_png(path: str, mip: int, out: str) -> dict:
 
 
 def voxel_counts_png(path: str, mip: int, out: str, top: int = 20) -> dict:
-    from cloudfiles import CloudFiles
     from mapbuffer import IntMap
 
     vol = CloudVolume(path, mip=mip, progress=False)
-    raw = CloudFiles(path).get(f"{vol.meta.key(mip)}/stats/voxel_counts.im")
+    raw = storage.files(path).get(f"{vol.meta.key(mip)}/stats/voxel_counts.im")
     imap = IntMap(raw)
     # items(), not imap[k]: IntMap's lookup takes a signed index and fails on ids >= 2**63
     items = sorted(((int(k), int(v)) for k, v in imap.items()), key=lambda kv: -kv[1])

@@ -40,7 +40,7 @@ from cloudvolume import Bbox
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .. import layers
+from .. import layers, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from .common import check_new_layer, dtype_width, open_volume
@@ -278,7 +278,7 @@ def faces_task(params: dict, box: Bbox, paths: dict) -> dict:
                 out[f"v{side}{axis}"] = image[tuple(index)]
     if params["dust"] > 0:
         out["sizes"] = np.bincount(labels.ravel(order="K"), minlength=n + 1)[1:].astype(np.uint64)
-    _put_arrays(CloudFiles(paths[params["src"]]), f"{params['prefix']}/faces/{t}", **out)
+    _put_arrays(storage.files(paths[params["src"]]), f"{params['prefix']}/faces/{t}", **out)
     return {"voxels_read": int(np.prod(box.size3())), "task_labels": n}
 
 
@@ -286,7 +286,7 @@ def equivalences_task(params: dict, box: Bbox, paths: dict) -> dict:
     """Pairs of labels that touch across this task's low faces."""
     t, point, counts = _task_index(params, box)
     strides = _strides(counts)
-    cf = CloudFiles(paths[params["src"]])
+    cf = storage.files(paths[params["src"]])
     prefix = params["prefix"]
     keys = [f"{prefix}/faces/{t}"] + [f"{prefix}/faces/{t - strides[a]}" for a in range(3) if point[a] > 0]
     blobs = cf.get(keys, return_dict=True)
@@ -312,7 +312,7 @@ def labels_task(params: dict, box: Bbox, paths: dict) -> dict:
     grid = Grid(**params["grid"])
     counts = grid.counts
     strides = _strides(counts)
-    cf = CloudFiles(paths[params["src"]])
+    cf = storage.files(paths[params["src"]])
     prefix = params["prefix"]
     n_tasks = grid.n
     n_labels, sizes, pairs = [], [], []
@@ -331,7 +331,7 @@ def labels_task(params: dict, box: Bbox, paths: dict) -> dict:
     final, offsets, max_label = global_labels(
         n_labels, pairs, np.concatenate(sizes) if sizes else None, params["dust"])
     dtype = np.dtype(output_dtype(max_label, params["encoding"]))
-    dest = CloudFiles(paths[params["dest"]])
+    dest = storage.files(paths[params["dest"]])
     info = dest.get_json("info")
     if info["data_type"] != dtype.name:  # before any voxel is written: relabel reads it back
         info["data_type"] = dtype.name
@@ -353,7 +353,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     _, labels, n = _label(params, box, paths)
     t, _, _ = _task_index(params, box)
     key = f"{params['prefix']}/relabel/{t}"
-    blob = CloudFiles(paths[params["src"]]).get(key)
+    blob = storage.files(paths[params["src"]]).get(key)
     if blob is None:
         raise MagmaError(f"ccl: intermediate file {key} is missing; re-run the step from its faces stage")
     table = np.load(io.BytesIO(blob), allow_pickle=False)
@@ -376,7 +376,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
 
 
 def clean_task(params: dict, box: Bbox, paths: dict) -> dict:
-    cf = CloudFiles(paths[params["src"]])
+    cf = storage.files(paths[params["src"]])
     names = list(cf.list(prefix=f"{params['prefix']}/"))
     cf.delete(names)
     return {"files_deleted": len(names)}

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 
-from .. import layers
+from .. import layers, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
@@ -207,14 +206,14 @@ def histogram(params: dict, box: Bbox, paths: dict) -> dict:
         doc = {"levels": counts[i].tolist(), "patch_size": [biggest[0], biggest[1], 1],
                "num_patches": len(picks), "coverage_ratio": area / float(size[0] * size[1])}
         files.append({"path": _levels_key(mip, z), "content": json.dumps(doc).encode()})
-    CloudFiles(paths[params["src"]]).puts(files, content_type="application/json", compress=None,
+    storage.files(paths[params["src"]]).puts(files, content_type="application/json", compress=None,
                                           cache_control="no-cache")
     return {"voxels_read": int(area * size[2]), "files": len(files)}
 
 
 def read_levels(path: str, mip: int, z0: int, z1: int) -> np.ndarray:
     keys = [_levels_key(mip, z) for z in range(z0, z1)]
-    got = CloudFiles(path).get(keys, return_dict=True)
+    got = storage.files(path).get(keys, return_dict=True)
     missing = [k for k in keys if got.get(k) is None]
     if missing:
         raise MagmaError(f"{path}: histograms {', '.join(missing[:5])} are missing; the histogram stage did not run")

@@ -7,10 +7,9 @@ box would remove data the user asked to keep. The info file is left as is
 from __future__ import annotations
 
 import numpy as np
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 
-from .. import layers
+from .. import layers, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from .common import open_volume
@@ -69,7 +68,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
         if vol.image.is_sharded(m):
             if box.minpt.tolist() != params["origin"]:
                 continue  # the whole sharded mip goes once, with the first task
-            cf = CloudFiles(vol.meta.join(vol.meta.cloudpath, vol.meta.key(m)))
+            cf = storage.files(vol.meta.join(vol.meta.cloudpath, vol.meta.key(m)))
             names = list(cf.list())
             cf.delete(names)
             deleted += len(names)

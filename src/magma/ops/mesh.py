@@ -26,14 +26,13 @@ from collections import defaultdict
 
 import numpy as np
 import zmesh
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, synthesize_shard_files
 from cloudvolume.lib import getprecision
 from mapbuffer import IntMap, MapBuffer
 from mapbuffer.compression import zstd_compress, zstd_decompress
 
-from .. import chunk_files, cores, layers
+from .. import chunk_files, cores, layers, storage
 from ..errors import MagmaError
 from ..meshes import forge as kernel
 from ..meshes import multilod
@@ -173,7 +172,7 @@ def mesh_info(params, spec=None) -> dict:
 # ---- forge ------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _voxel_counts(path: str, key: str):
-    raw = CloudFiles(path).get(f"{key}/stats/voxel_counts.im")
+    raw = storage.files(path).get(f"{key}/stats/voxel_counts.im")
     return None if raw is None else IntMap(raw)
 
 
@@ -218,7 +217,7 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
     frags = {label: data for label, (data, _) in done.items()}
     bboxes = {str(label): bbox for label, (_, bbox) in done.items()}
 
-    cf = CloudFiles(path)
+    cf = storage.files(path)
     cf.put(frags_name(params, core.to_filename()), MapBuffer(frags).tobytes(), compress=None,
            content_type="application/x.mapbuffer")
     # the record of what this task meshed goes last: the index stage trusts it
@@ -233,7 +232,7 @@ def work_list(params, bucket: int) -> str:
 
 def index(params: dict, box: Bbox, paths: dict) -> dict:
     """Collect label -> forge tasks from forge's records; write the mesh info and the work lists."""
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     d = params["mesh_dir"]
     stale = [f for f in cf.list(prefix=f"{d}/{WORK}/") if "/forge/" not in f]
     cf.delete(stale)
@@ -262,7 +261,7 @@ def index(params: dict, box: Bbox, paths: dict) -> dict:
 # ---- merge ------------------------------------------------------------------
 def merge(params: dict, box: Bbox, paths: dict) -> dict:
     bucket = int(box.minpt[0])
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     d = params["mesh_dir"]
     work = cf.get_json(work_list(params, bucket))
     if work is None:
@@ -365,7 +364,7 @@ def _fragments(cf, params, work: dict) -> dict:
 def assemble(params: dict, box: Bbox, paths: dict) -> dict:
     """Shard files numbered task, task + N, task + 2N, ... from the merge buckets' partial maps."""
     task = int(box.minpt[0])
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     d = params["mesh_dir"]
     spec = ShardingSpecification.from_dict(cf.get_json(f"{d}/info")["sharding"])
     written = labels = 0
@@ -388,7 +387,7 @@ def assemble(params: dict, box: Bbox, paths: dict) -> dict:
 # ---- clean ------------------------------------------------------------------
 def clean(params: dict, box: Bbox, paths: dict) -> dict:
     """Remove the work lists and partial shard maps (forge's records stay, as its fragments do)."""
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     stale = [f for f in cf.list(prefix=f"{params['mesh_dir']}/{WORK}/") if "/forge/" not in f]
     cf.delete(stale)
     return {"files": len(stale)}

@@ -20,7 +20,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 
-from .. import chunk_files, cseg_tables, layers
+from .. import chunk_files, cseg_tables, layers, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from . import _derived
@@ -38,7 +38,7 @@ def read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     folder, name = path.rsplit("/", 1)
-    data = CloudFiles(folder).get(name)
+    data = storage.files(folder).get(name)
     if data is None:
         raise FileNotFoundError(path)
     return data
@@ -187,7 +187,7 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
     keep = params["preserve_missing_labels"]
     pyr = Pyramid(box, mips, _derived.FACTOR, dtype, 1, "mode")
     files = []
-    got_all = chunk_files.fetch(CloudFiles(paths[params["src"]]), list(keys))
+    got_all = chunk_files.fetch(storage.files(paths[params["src"]]), list(keys))
     for key, chunk_box, got in zip(keys, boxes, got_all):
         shape = tuple(chunk_box.size3()) + (int(meta.num_channels),)
         if not chunk_files.present(got, key, paths[params["src"]], params["fill_missing"]):
@@ -198,7 +198,7 @@ def _relabel_chunks(params: dict, box: Bbox, paths: dict, table: dict, mips: int
         files.append((key, data))
         if mips:
             pyr.add(cseg.decompress(data, shape, dtype, block_size=block, order="F"), chunk_box)
-    CloudFiles(paths[params["dest"]]).puts(
+    storage.files(paths[params["dest"]]).puts(
         files, content_type=content_type("compressed_segmentation"),
         compress=should_compress("compressed_segmentation", compress_arg(params["compress"]), None))
     return pyr.images

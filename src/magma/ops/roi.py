@@ -13,10 +13,9 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 import tinybrain
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox, CloudVolume, Vec
 
-from .. import cores, layers
+from .. import cores, layers, storage
 from ..plan import Grid, StepPlan, make_stage
 from .common import dtype_width, open_volume
 
@@ -105,7 +104,7 @@ def find(params: dict, box: Bbox, paths: dict) -> dict:
         hi0 = (box.minpt + Vec(*hi)) * ratio
         b = Bbox.clamp(Bbox(lo0, hi0), whole0)
         rois.append([int(v) for v in b.minpt] + [int(v) - 1 for v in b.maxpt])
-    CloudFiles(paths[params["layer"]]).put_json(_key(mip, int(box.minpt[2]), int(box.maxpt[2])), rois)
+    storage.files(paths[params["layer"]]).put_json(_key(mip, int(box.minpt[2]), int(box.maxpt[2])), rois)
     return {"voxels_read": int(image.size), "rois": len(rois)}
 
 
@@ -123,7 +122,7 @@ def gather(params: dict, box: Bbox, paths: dict) -> dict:
     path, mip = paths[params["layer"]], params["mip"]
     lo, hi = params["region"]
     keys = [_key(mip, z, min(z + params["z_step"], hi[2])) for z in range(lo[2], hi[2], params["z_step"])]
-    got = CloudFiles(path).get_json(keys)
+    got = storage.files(path).get_json(keys)
     rois = [r for part in got for r in part]
     vol = CloudVolume(path, progress=False)
     vol.info["scales"][0]["rois"] = rois

@@ -27,7 +27,7 @@ from cloudvolume.lib import getprecision
 from cloudvolume.datasource.precomputed.sharding import ShardingSpecification, synthesize_shard_files
 from mapbuffer import IntMap, MapBuffer
 
-from .. import cores, layers, skeletonize
+from .. import cores, layers, skeletonize, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from .common import open_volume
@@ -126,7 +126,7 @@ def plan(ctx, name: str, p: dict) -> StepPlan:
 
 def preflight(step: str, params: dict) -> None:
     """Setup-time check (before any write) that dust_global has its voxel counts to read."""
-    if not CloudFiles(params["path"]).exists(params["name"]):
+    if not storage.files(params["path"]).exists(params["name"]):
         raise MagmaError(f"steps.{step}.dust_global: {params['path']}/{params['name']} does not exist; run a"
                          " voxel_counts step on this layer and mip first, or set dust_global: false")
 
@@ -141,7 +141,7 @@ def _frag_name(box: Bbox, shape, whole: Bbox) -> tuple:
 def _global_dust(params: dict, path: str, key: str, labels: np.ndarray) -> np.ndarray:
     """Zero labels whose whole-layer voxel count (voxel_counts step output) is under dust_threshold."""
     name = f"{key}/stats/voxel_counts.im"
-    data = CloudFiles(path).get(name)
+    data = storage.files(path).get(name)
     if data is None:
         raise MagmaError(f"steps.{params['step']}.dust_global: {path}/{name} does not exist; run a voxel_counts"
                          " step on this layer and mip first, or set dust_global: false")
@@ -188,7 +188,7 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         skeletonize.keep_attributes(skel, params["attributes"])
 
     cell, name = _frag_name(box, params["shape"], vol.meta.bounds(mip))
-    cf = CloudFiles(path)
+    cf = storage.files(path)
     root = params["skel_dir"]
     ids = np.fromiter(skels.keys(), dtype=np.uint64, count=len(skels))
     files = []
@@ -228,7 +228,7 @@ def _fused(params: dict, label: int, frags: list) -> Skeleton | None:
 
 def merge(params: dict, box: Bbox, paths: dict) -> dict:
     """Unsharded: one file `<skel_dir>/<label>` per label of bucket box.minpt.x."""
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     root = params["skel_dir"]
     frags = _fragments(cf, root, [int(box.minpt.x)])
     written = {"labels": 0, "skeletons": 0}
@@ -256,7 +256,7 @@ def merge_sharded(params: dict, box: Bbox, paths: dict) -> dict:
     With fewer shards than buckets, task j < shards builds shard j from every bucket
     congruent to j; the other tasks have nothing to do. Shards are built one at a time.
     """
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     root = params["skel_dir"]
     spec = _spec(cf, root)
     j, n_buckets, n_shards = int(box.minpt.x), 2 ** params["bucket_bits"], 2 ** spec.shard_bits
@@ -289,7 +289,7 @@ def merge_sharded(params: dict, box: Bbox, paths: dict) -> dict:
 
 def shard_spec(params: dict, box: Bbox, paths: dict) -> dict:
     """Count the forged labels, size the shards, write the spec into the skeleton info."""
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     root = params["skel_dir"]
     names = [n for n in cf.list(prefix=f"{root}/{FRAGS}/labels/") if n.endswith(".labels")]
     ids = [np.frombuffer(f["content"], dtype=np.uint64) for f in cf.get(names) if f["content"]]
@@ -307,7 +307,7 @@ def shard_spec(params: dict, box: Bbox, paths: dict) -> dict:
 
 def clean(params: dict, box: Bbox, paths: dict) -> dict:
     """delete_fragments: remove bucket box.minpt.x's fragments (task 0 also the label lists)."""
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     root = params["skel_dir"]
     j = int(box.minpt.x)
     names = list(cf.list(prefix=f"{root}/{FRAGS}/{j}/"))

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import posixpath
 
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 
-from .. import label_files
+from .. import label_files, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from .common import open_volume
@@ -62,7 +61,7 @@ def labels_of_task(vol, params: dict, task: int) -> list:
     if params["object_ids"]:
         return params["object_ids"][task * IDS_PER_TASK:(task + 1) * IDS_PER_TASK]
     src = vol.skeleton
-    cf = CloudFiles(vol.meta.join(vol.cloudpath, src.meta.skeleton_path))
+    cf = storage.files(vol.meta.join(vol.cloudpath, src.meta.skeleton_path))
     tasks = label_files.task_count(params["magnitude"])
     if src.meta.is_sharded():
         labels = []
@@ -84,7 +83,7 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
         skeletons = vol.skeleton.get(labels)
     except Exception as exc:  # a missing label raises from deep inside CloudVolume
         raise MagmaError(f"skeleton_export: cannot read skeletons of layer '{params['layer']}': {exc}") from exc
-    CloudFiles(params["dest"]).puts(
+    storage.files(params["dest"]).puts(
         ((f"{s.id}.swc", s.to_swc().encode("utf-8")) for s in skeletons),
         content_type="text/plain", compress=None,
     )

@@ -13,11 +13,10 @@ import io
 
 import fastremap
 import numpy as np
-from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 from mapbuffer import IntMap
 
-from .. import layers
+from .. import layers, storage
 from ..errors import MagmaError
 from ..plan import Grid, StepPlan, make_stage
 from .common import dtype_width, open_volume
@@ -133,14 +132,14 @@ def run_task(params: dict, box: Bbox, paths: dict) -> dict:
     labels, counts = add_counts(parts)
     buf = io.BytesIO()
     np.save(buf, np.stack([labels, counts]))
-    CloudFiles(paths[params["layer"]]).put(_part_key(params, index), buf.getvalue(), compress="zstd")
+    storage.files(paths[params["layer"]]).put(_part_key(params, index), buf.getvalue(), compress="zstd")
     return {"voxels_read": int(np.prod(box.size3())), "labels": len(labels)}
 
 
 def sum_task(params: dict, box: Bbox, paths: dict) -> dict:
     """sum: every task's counts into the layer's voxel_counts.im."""
     n = Grid(**params["grid"]).n
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     total = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
     for start in range(0, n, READ_BATCH):
         keys = [_part_key(params, i) for i in range(start, min(start + READ_BATCH, n))]
@@ -158,7 +157,7 @@ def sum_task(params: dict, box: Bbox, paths: dict) -> dict:
 
 
 def clean_task(params: dict, box: Bbox, paths: dict) -> dict:
-    cf = CloudFiles(paths[params["layer"]])
+    cf = storage.files(paths[params["layer"]])
     names = list(cf.list(prefix=f"{params['parts']}/"))
     cf.delete(names)
     return {"files_deleted": len(names)}
