@@ -80,10 +80,10 @@ GET_BATCHES = 8
 def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=map, finish=None,
                 edges=None) -> dict:
     """label -> exact marching-cubes zmesh.Mesh, vertices in nm, voxel i at (i + 1/2) * resolution
-    (block origin 0), or what `finish(mesh)` makes of it. `edges` = (before, after): background
-    padding for the dataset's edges (`dataset_edges`), added after renumbering, where it is
-    cheap; voxel i of `labels` is then voxel i + before of the padded block. Not simplified: the merge simplifies
-    each label whole (meshes/simplify.py).
+    (block origin 0), or what `finish(mesh)` makes of it. Not simplified: the merge simplifies
+    each label whole (meshes/simplify.py). `edges` = (before, after): background padding for
+    the dataset's edges (`dataset_edges`), added after renumbering, where it is cheap; voxel i
+    of `labels` is then voxel i + before of the padded block.
 
     Marching cubes over the block is quick; turning each label's triangles into a mesh (and
     `finish`ing it) is most of the work, so it runs in label batches through
