@@ -70,3 +70,29 @@ def test_files_arriving_in_any_order(layer, monkeypatch):
     for chunk, image in chunk_files.read_chunks(url, vol.meta, 0, vol.bounds):
         lo, hi = chunk.minpt - vol.bounds.minpt, chunk.maxpt - vol.bounds.minpt
         np.testing.assert_array_equal(image, data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+
+
+def test_local_files_are_read_and_written_without_a_thread_pool(tmp_path, monkeypatch):
+    """storage.files on file:// does many-file reads and writes in the calling thread:
+    cloud-files' pool polls for completion every 0.1 s, which a local disk never needs."""
+    import threading
+
+    from cloudfiles import CloudFiles
+
+    from magma import storage
+
+    started = []
+    start = threading.Thread.start
+    def counted(thread):  # tqdm's progress monitor is not a worker
+        if type(thread).__name__ != "TMonitor":
+            started.append(thread)
+        return start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    names = [f"f{i}" for i in range(20)]
+    cf = storage.files(f"file://{tmp_path}")
+    cf.puts([(n, n.encode()) for n in names], compress=None)
+    assert [f["content"] for f in chunk_files.fetch(cf, names)] == [n.encode() for n in names]
+    assert started == []
+    CloudFiles(f"file://{tmp_path}").get(names)  # cloud-files' default: a thread pool
+    assert started
