@@ -674,7 +674,7 @@ def fmt_s(x):
     return "-" if x is None else f"{x:.1f}"
 
 
-def spread(run: dict) -> str:
+def wall_range(run: dict) -> str:
     """' (min-max)' of a row's repeated runs; nothing for a single run."""
     walls = run.get("walls") or []
     return f" ({min(walls):.1f}-{max(walls):.1f})" if len(walls) > 1 else ""
@@ -696,8 +696,8 @@ def table(rows: list) -> str:
         i, m = r["igneous"], r["magma"]
         ratio = m["wall"] / i["wall"] if i["rc"] == 0 and m["rc"] == 0 else None
         lines.append(
-            f"| {r['op']} | {r['cores']} | {fmt_s(i['wall'])}{spread(i)}{'' if i['rc'] == 0 else ' (failed)'} | "
-            f"{fmt_s(m['wall'])}{spread(m)}{'' if m['rc'] == 0 else ' (failed)'} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+            f"| {r['op']} | {r['cores']} | {fmt_s(i['wall'])}{wall_range(i)}{'' if i['rc'] == 0 else ' (failed)'} | "
+            f"{fmt_s(m['wall'])}{wall_range(m)}{'' if m['rc'] == 0 else ' (failed)'} | {'-' if ratio is None else f'{ratio:.2f}'} | "
             f"{fmt_s(i['cpu'])} / {fmt_s(m['cpu'])} | {fmt_mb(i['rss'])} / {fmt_mb(m['rss'])} | "
             f"{r['files_igneous']} / {r['files_magma']} + {m['bookkeeping']} | {m['jobs']} ({m['task_seconds']:.1f}) | "
             f"{r['check']} |")

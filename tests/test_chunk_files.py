@@ -83,6 +83,7 @@ def test_local_files_are_read_and_written_without_a_thread_pool(tmp_path, monkey
 
     started = []
     start = threading.Thread.start
+
     def counted(thread):  # tqdm's progress monitor is not a worker
         if type(thread).__name__ != "TMonitor":
             started.append(thread)

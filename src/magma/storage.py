@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from cloudfiles import CloudFiles
 from cloudfiles.paths import extract
 
 
@@ -194,39 +195,25 @@ def failure_message(where: str, exc: BaseException) -> str:
     return f"{where}: {reason}"
 
 
+class LocalFiles(CloudFiles):
+    """CloudFiles that reads several local files one by one in the calling thread (cloud-files
+    takes its single-threaded path for one file)."""
 
-def files(path: str, **kw):
+    def get(self, paths, *args, **kw):
+        if isinstance(paths, (str, dict)):
+            return super().get(paths, *args, **kw)
+        parts = [super(LocalFiles, self).get([p], *args, **kw) for p in paths]
+        if kw.get("return_dict"):
+            return {k: v for part in parts for k, v in part.items()}
+        return [item for part in parts for item in part]
+
+
+def files(path: str, **kw) -> CloudFiles:
     """CloudFiles for `path`. On file:// it reads and writes in the calling thread: cloud-files
     runs a local many-file call on a thread pool (a get always on one thread) and checks every
     0.1 s whether it is done, so each such call waited a tenth of a second for disk work of a
     few milliseconds (1.6 s of a mesh merge). Object stores keep the pool, which hides their
     latency."""
-    from cloudfiles import CloudFiles
-
     if path.startswith("file://") or "://" not in path:
-        kw.setdefault("num_threads", 0)
-        return _local_files()(path, **kw)
+        return LocalFiles(path, **{"num_threads": 0, **kw})
     return CloudFiles(path, **kw)
-
-
-_LOCAL = None
-
-
-def _local_files():
-    """CloudFiles whose get of several files reads them one by one in this thread (cloud-files
-    takes the single-threaded path for one file)."""
-    global _LOCAL
-    if _LOCAL is None:
-        from cloudfiles import CloudFiles
-
-        class LocalFiles(CloudFiles):
-            def get(self, paths, *args, **kw):
-                if isinstance(paths, (str, dict)):
-                    return super().get(paths, *args, **kw)
-                parts = [super(LocalFiles, self).get([p], *args, **kw) for p in paths]
-                if kw.get("return_dict"):
-                    return {k: v for part in parts for k, v in part.items()}
-                return [item for part in parts for item in part]
-
-        _LOCAL = LocalFiles
-    return _LOCAL
