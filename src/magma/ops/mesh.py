@@ -268,9 +268,10 @@ def merge(params: dict, box: Bbox, paths: dict) -> dict:
         raise MagmaError(f"mesh merge: work list {work_list(params, bucket)} is missing; re-run the index stage")
     work = {int(k): v for k, v in work.items()}
     parts = _fragments(cf, params, work)
+    seams = seam_planes(params)
 
     def run(batch):  # decoding happens here too, so it shares the spare cores
-        return [(label, _finish(params, label, [_decode(b) for b in parts[label]])) for label in batch]
+        return [(label, _finish(params, label, [_decode(b) for b in parts[label]], seams)) for label in batch]
 
     encoded = {}
     for done in cores.spread(run, _batches({label: sum(map(len, p)) for label, p in parts.items()})):
@@ -305,29 +306,34 @@ BATCH_BYTES = 4 << 20
 
 
 def _batches(sizes: dict) -> list:
-    """Labels in batches of about BATCH_BYTES of stored fragments, biggest batch first
-    (cores.fork_each runs them, in this process, and side by side in forks while the job
-    has spare cores)."""
+    """Labels in batches, biggest labels first, each batch at most BATCH_BYTES of stored
+    fragments and at most a quarter of what is left, so the batches shrink to single
+    labels at the end (cores.fork_each runs them in this process, and side by side in
+    forks while the job has spare cores: small last batches leave a core idle for less)."""
+    order = sorted(sizes, key=lambda label: (-sizes[label], label))
+    left = sum(sizes.values())
     batches, current, held = [], [], 0
-    for label in sorted(sizes):
+    for label in order:
+        if current and held + sizes[label] > min(BATCH_BYTES, left / 4):
+            batches.append(current)
+            left -= held
+            current, held = [], 0
         current.append(label)
         held += sizes[label]
-        if held >= BATCH_BYTES:
-            batches.append((held, current))
-            current, held = [], 0
     if current:
-        batches.append((held, current))
-    return [b for _, b in sorted(batches, key=lambda hb: -hb[0])]
+        batches.append(current)
+    return batches
 
 
 def _decode(stored: bytes) -> zmesh.Mesh:
     return zmesh.Mesh.from_precomputed(zstd_decompress(stored))
 
 
-def _finish(params: dict, label: int, parts: list):
+def _finish(params: dict, label: int, parts: list, seams=None):
     """One label's forge fragments -> its stored form: (fragment name, bytes) for legacy meshes,
-    (manifest, fragments) for multi-LOD ones; None when nothing is left."""
-    whole = multilod.weld(parts, params["resolution"], label, distinct=True)
+    (manifest, fragments) for multi-LOD ones; None when nothing is left. `seams`: where the
+    forge tasks meet (`seam_planes`), else every vertex is a candidate for welding."""
+    whole = multilod.weld(parts, params["resolution"], label, distinct=True, seams=seams)
     if params["simplification"]:
         whole = simplify(whole, params["max_simplification_error"])
     if len(whole.faces) == 0:
@@ -339,6 +345,15 @@ def _finish(params: dict, label: int, parts: list):
         return f"{label}:0:{Bbox(lo, hi).to_filename()}", whole.to_precomputed()
     return multilod.encode(label, whole, params["resolution"], params["nlod"], params["min_chunk_size"],
                            params["vertex_quantization_bits"], params["draco_compression_level"])
+
+
+def seam_planes(params: dict) -> list:
+    """Per axis, where forge tasks meet (nm): neighbours share the voxel plane at each task's
+    low side (1-voxel high-side overlap), and their fragments share vertices only there."""
+    lo, hi = (np.asarray(b, dtype=np.int64) for b in params["bounds"])
+    shape, res = np.asarray(params["shape"], dtype=np.int64), params["resolution"]
+    return [[(lo[a] + m * shape[a] + 0.5) * float(res[a]) for m in range(1, -(-(hi[a] - lo[a]) // shape[a]))]
+            for a in range(3)]
 
 
 def _fragments(cf, params, work: dict) -> dict:
