@@ -1,10 +1,14 @@
 """How much a kernel itself gains from a second core on this machine.
 
-    python benchmarks/kernel_scaling.py [--scale 0.06] [--work DIR]
+    python benchmarks/kernel_scaling.py [--kernel skeleton|mesh] [--scale 0.06] [--work DIR]
 
 Splits the segmentation's labels into two sets of equal volume (as a skeleton
-forge task does when its job lends it a core) and traces each set with kimimaro:
-first one after the other in one process, then side by side in two forks. If the
+forge task does when its job lends it a core) and runs the kernel on each set:
+first one after the other, then side by side in two forks. skeleton: kimimaro
+traces each set. mesh: zmesh meshes the whole array (padded, so objects close at
+its edges, as the benchmark's floor) once, and each set's meshes are simplified
+(`Mesher.get`, the settings of a mesh step), each set in a fork of that process
+both times, as the simplifier keeps state from one call to the next. If the
 side-by-side sets take longer than they did alone, the cores share something the
 kernel waits on (memory bandwidth, cache), and no scheduling gets the 2-core
 speed-up past the throughput ratio printed last.
@@ -38,8 +42,26 @@ def trace(labels, resolution, step: dict, ids) -> float:
     return time.perf_counter() - t
 
 
+def simplifier(labels, resolution):
+    """fn(ids) -> seconds zmesh takes to simplify the meshes of `ids` (as a mesh step's
+    merge does, as Mesher.get does on the whole array), from one marching-cubes pass."""
+    import zmesh
+
+    padded = np.pad(labels, 1)
+    mesher = zmesh.Mesher(tuple(float(r) for r in resolution))
+    mesher.mesh(np.asfortranarray(padded))
+
+    def run(ids):
+        t = time.perf_counter()
+        for i in ids:
+            mesher.get(int(i), reduction_factor=100, max_error=40, voxel_centered=True)
+        return time.perf_counter() - t
+    return run
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernel", choices=("skeleton", "mesh"), default="skeleton", help="which kernel (default skeleton)")
     ap.add_argument("--scale", type=float, default=0.06, help="dataset scale, as vs_igneous.py (default 0.06)")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work"), help="scratch directory")
     args = ap.parse_args(argv)
@@ -55,14 +77,20 @@ def main(argv=None) -> int:
     sets = skeletonize.label_sets(labels, 2)
     print(f"{'x'.join(map(str, labels.shape))} voxels, {sum(map(len, sets))} labels in 2 sets of equal volume",
           flush=True)
-    alone = [trace(labels, cv.resolution, step, ids) for ids in sets]
-    print(f"kimimaro, one set after the other: {alone[0]:.1f} + {alone[1]:.1f} s", flush=True)
+    if args.kernel == "skeleton":
+        run = lambda ids: trace(labels, cv.resolution, step, ids)  # noqa: E731
+        alone = [run(ids) for ids in sets]
+    else:
+        run = simplifier(labels, cv.resolution)
+        alone = cores.fork_each(run, sets)  # no spare cores yet: one fork after the other
+    name = {"skeleton": "kimimaro", "mesh": "zmesh simplifying"}[args.kernel]
+    print(f"{name}, one set after the other: {alone[0]:.1f} + {alone[1]:.1f} s", flush=True)
     cores.start(len(sets) - 1)  # as a batch job lends its idle cores: every set in a fork, all at once
     try:
-        together = cores.fork_each(lambda ids: trace(labels, cv.resolution, step, ids), sets)
+        together = cores.fork_each(run, sets)
     finally:
         cores.stop()
-    print(f"kimimaro, side by side:            {together[0]:.1f} and {together[1]:.1f} s", flush=True)
+    print(f"{name}, side by side:{' ' * (20 - len(name))}{together[0]:.1f} and {together[1]:.1f} s", flush=True)
     print(f"throughput of two processes against one: {sum(alone) / max(together):.2f}x")
     return 0
 
