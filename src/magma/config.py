@@ -29,13 +29,18 @@ PLANNED_OPS = {
 FILE_KEYS = {"create": ("src",), "skeleton_export": ("dest",)}
 
 
+# libyaml's parser when PyYAML has it: the schemas are read on every Snakemake start (0.14 s in
+# pure Python, 0.02 s with libyaml)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_schema() -> dict:
     """The top-level schema with every op's schema (schemas/ops/<op>.yaml) under `$defs`."""
     with open(SCHEMA_PATH) as f:
-        schema = yaml.safe_load(f)
+        schema = yaml.load(f, Loader=_LOADER)
     for path in sorted(OP_SCHEMAS.glob("*.yaml")):
         with open(path) as f:
-            schema["$defs"][path.stem] = yaml.safe_load(f)
+            schema["$defs"][path.stem] = yaml.load(f, Loader=_LOADER)
     return schema
 
 
