@@ -16,7 +16,6 @@ from cloudvolume.datasource.precomputed.metadata import PrecomputedMetadata
 
 from .errors import MagmaError
 from . import storage
-from .storage import describe_error
 
 # encoding -> (allowed dtypes, allowed layer types); None = any
 ENCODINGS = {
@@ -42,7 +41,7 @@ def read_info(name: str, path: str) -> dict:
     try:
         raw = storage.files(path).get("info")
     except Exception as exc:  # unreachable storage, missing bucket, bad credentials
-        raise MagmaError(f"layer '{name}': cannot read {path}/info: {describe_error(path, exc)}") from exc
+        raise MagmaError(f"layer '{name}': cannot read {path}/info: {storage.describe_error(path, exc)}") from exc
     if raw is None:
         raise MagmaError(
             f"layer '{name}': no info file at {path}/info. Point layers.{name} at an existing"

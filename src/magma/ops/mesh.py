@@ -350,10 +350,9 @@ def _finish(params: dict, label: int, parts: list, seams=None):
 def seam_planes(params: dict) -> list:
     """Per axis, where forge tasks meet (nm): neighbours share the voxel plane at each task's
     low side (1-voxel high-side overlap), and their fragments share vertices only there."""
-    lo, hi = (np.asarray(b, dtype=np.int64) for b in params["bounds"])
-    shape, res = np.asarray(params["shape"], dtype=np.int64), params["resolution"]
-    return [[(lo[a] + m * shape[a] + 0.5) * float(res[a]) for m in range(1, -(-(hi[a] - lo[a]) // shape[a]))]
-            for a in range(3)]
+    grid = core_boxes(params)
+    lo, shape, res = grid.minpt, grid.shape, params["resolution"]
+    return [[(lo[a] + m * shape[a] + 0.5) * float(res[a]) for m in range(1, grid.counts[a])] for a in range(3)]
 
 
 def _fragments(cf, params, work: dict) -> dict:
