@@ -316,6 +316,25 @@ def test_spatial_index_finds_labels(run):
     assert {int(x) for x in corner} == {int(x) for x in np.unique(seg) if x and run["counts"][x] >= DUST}
 
 
+def test_forge_records_each_fragments_bounding_box(run):
+    """A forge task's record (the spatial index file) holds, per label, the exact bounds of the
+    fragment it stored: the spatial index must find every fragment it holds."""
+    cf = CloudFiles(run["layers"]["leg"])
+    checked = 0
+    for name in cf.list(prefix=f"{MESH_DIR}/"):
+        if not name.endswith(".frags"):
+            continue
+        task = Path(name).name[: -len(".frags")]
+        lo, hi = Bbox.from_filename(task).minpt, Bbox.from_filename(task).maxpt
+        record = cf.get_json(f"{MESH_DIR}/{Bbox(lo * RES, hi * RES).to_filename()}.spatial")
+        frags = mapbuffer.MapBuffer(cf.get(name))
+        for label, bbox in record.items():
+            m = mesh_op._decode(frags[mesh_op.mapkey(int(label))])
+            assert bbox == m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
+            checked += 1
+    assert checked > 27
+
+
 @pytest.mark.parametrize("layer", ["leg", "ml"])
 def test_closed_after_welding(run, layer):
     kind = "legacy" if layer == "leg" else "multilod"
@@ -525,6 +544,13 @@ def test_forge_kernel_filters_and_fills():
     assert area(filled[5].vertices, filled[5].faces) == pytest.approx(area(ref[5].vertices, ref[5].faces))
     for level in (2, 3):  # border filling and dilation run and keep every label
         assert set(forge.mesh_labels(block, RES, fill_holes=level)) == {5, 6, 2**63 + 7}
+
+    # the forge task's own download may be renumbered in place: the same meshes, the block used up
+    mine = block.copy()
+    consumed = forge.mesh_labels(mine, RES, consume=True)
+    assert not np.array_equal(mine, block) and set(consumed) == set(hollow)
+    for label, m in hollow.items():
+        assert np.array_equal(m.vertices, consumed[label].vertices) and np.array_equal(m.faces, consumed[label].faces)
 
 
 def test_mesh_dir_follows_the_layer_info(tmp_path):

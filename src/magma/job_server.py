@@ -26,6 +26,8 @@ import threading
 import time
 import traceback
 
+from . import malloc
+
 _server: subprocess.Popen | None = None
 _name = ""
 _lock = threading.Lock()
@@ -38,8 +40,9 @@ def start(modules: list) -> None:
         if running():
             return
         _name = f"magma-jobs-{os.getpid()}-{os.urandom(6).hex()}"  # abstract socket: nothing to clean up
+        env = dict(os.environ, GLIBC_TUNABLES=malloc.with_huge_pages(os.environ.get("GLIBC_TUNABLES")))
         _server = subprocess.Popen([sys.executable, "-c", "from magma.job_server import serve; serve()", _name,
-                                    *modules], stdin=subprocess.PIPE)
+                                    *modules], stdin=subprocess.PIPE, env=env)
         atexit.register(_stop)
 
 

@@ -78,12 +78,14 @@ GET_BATCHES = 8
 
 
 def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=map, finish=None,
-                edges=None) -> dict:
+                edges=None, consume: bool = False) -> dict:
     """label -> exact marching-cubes zmesh.Mesh, vertices in nm, voxel i at (i + 1/2) * resolution
     (block origin 0), or what `finish(mesh)` makes of it. Not simplified: the merge simplifies
     each label whole (meshes/simplify.py). `edges` = (before, after): background padding for
     the dataset's edges (`dataset_edges`), added after renumbering, where it is cheap; voxel i
-    of `labels` is then voxel i + before of the padded block.
+    of `labels` is then voxel i + before of the padded block. `consume`: `labels` may be
+    overwritten (renumbered in place: a 448^3 uint64 copy is 0.2 s in a warm process and
+    1.7 s of page faults in a fresh one, and it comes before any fork can help).
 
     Marching cubes over the block is quick; turning each label's triangles into a mesh (and
     `finish`ing it) is most of the work, so it runs in label batches through
@@ -91,7 +93,7 @@ def mesh_labels(labels: np.ndarray, resolution, fill_holes: int = 0, map_fn=map,
     Each label's mesh is the same however it runs."""
     if not np.any(labels):
         return {}
-    small, mapping = fastremap.renumber(labels, in_place=False)  # smaller dtype: faster mesher
+    small, mapping = fastremap.renumber(labels, in_place=consume)  # smaller dtype: faster mesher
     if edges is not None:
         small = pad(small, *edges)
     original = {v: k for k, v in mapping.items()}

@@ -24,6 +24,7 @@ import functools
 import json
 from collections import defaultdict
 
+import fastremap
 import numpy as np
 import zmesh
 from cloudvolume import Bbox
@@ -208,11 +209,14 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         if len(m.faces) == 0:
             return None
         m.vertices += origin
-        bbox = m.vertices.min(axis=0).tolist() + m.vertices.max(axis=0).tolist()
+        # column by column: numpy reduces an (N, 3) array along axis 0 ~20x slower
+        lo_hi = [fastremap.minmax(m.vertices[:, a]) for a in range(3)]
+        bbox = [float(lo) for lo, _ in lo_hi] + [float(hi) for _, hi in lo_hi]
         return zstd_compress(m.to_precomputed(), FRAGMENT_ZSTD_LEVEL), bbox
 
     # idle cores of this job extract label batches in forks of this task
-    meshes = kernel.mesh_labels(labels, params["resolution"], params["fill_holes"], cores.spread, finish, edges)
+    meshes = kernel.mesh_labels(labels, params["resolution"], params["fill_holes"], cores.spread, finish, edges,
+                                consume=True)
     done = {label: out for label, out in meshes.items() if out is not None}
     frags = {label: data for label, (data, _) in done.items()}
     bboxes = {str(label): bbox for label, (_, bbox) in done.items()}
