@@ -2,7 +2,6 @@
 failures, and a mesh merge whose output does not depend on them."""
 import multiprocessing
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,23 +146,6 @@ def test_processes_a_job_spawns_keep_freed_memory_too():
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["0", str(2**31 - 1)]
-
-
-def test_local_jobs_ask_for_huge_pages():
-    """The local job server (every local job is its fork) starts with glibc told to put the heap
-    on transparent huge pages, keeping any other tunable the user set and their own choice."""
-    from magma import job_server, malloc
-
-    assert malloc.with_huge_pages(None) == "glibc.malloc.hugetlb=1"
-    assert malloc.with_huge_pages("glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert malloc.with_huge_pages("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"
-    job_server.start([])
-    try:
-        environ = Path(f"/proc/{job_server._server.pid}/environ").read_bytes().split(b"\0")
-        assert b"GLIBC_TUNABLES=" + malloc.with_huge_pages(os.environ.get("GLIBC_TUNABLES")).encode() in environ
-    finally:
-        job_server._stop()
-        job_server._server = None
 
 
 def test_forge_label_batches_ignore_cores(spare):

@@ -26,8 +26,6 @@ import threading
 import time
 import traceback
 
-from . import malloc
-
 _server: subprocess.Popen | None = None
 _name = ""
 _lock = threading.Lock()
@@ -40,9 +38,8 @@ def start(modules: list) -> None:
         if running():
             return
         _name = f"magma-jobs-{os.getpid()}-{os.urandom(6).hex()}"  # abstract socket: nothing to clean up
-        env = dict(os.environ, GLIBC_TUNABLES=malloc.with_huge_pages(os.environ.get("GLIBC_TUNABLES")))
         _server = subprocess.Popen([sys.executable, "-c", "from magma.job_server import serve; serve()", _name,
-                                    *modules], stdin=subprocess.PIPE, env=env)
+                                    *modules], stdin=subprocess.PIPE)
         atexit.register(_stop)
 
 

@@ -34,23 +34,4 @@ def keep_freed_memory() -> bool:
     # forge cost 1.6x the CPU of one process
     os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
     os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**31 - 1))
-    os.environ["GLIBC_TUNABLES"] = with_huge_pages(os.environ.get("GLIBC_TUNABLES"))
     return _done
-
-
-# glibc >= 2.35 asks the kernel for transparent huge pages on the heap it grows (madvise), where
-# the system leaves them to the program's choice (the common `madvise` setting). zmesh's
-# simplifier and marching cubes chase pointers through hundreds of MB: fewer TLB misses made the
-# simplifier ~4% faster with two running side by side. A tunable is read when a process starts,
-# so it reaches the processes started after this is set (the local job server, spawned pools);
-# older glibc ignores it.
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-
-
-def with_huge_pages(tunables: str | None) -> str:
-    """GLIBC_TUNABLES with the heap on transparent huge pages, unless it says otherwise."""
-    if not tunables:
-        return HUGE_PAGES
-    if "glibc.malloc.hugetlb=" in tunables:
-        return tunables  # the user's choice stands
-    return f"{tunables}:{HUGE_PAGES}"
