@@ -22,6 +22,8 @@ import math
 import numpy as np
 import zmesh
 
+from . import bounds
+
 REDUCTION_FACTOR = 100  # Igneous's and zmesh's target: 1% of the faces, unless max_error stops it
 LIMIT = 2**20  # the simplifier's coordinate range
 
@@ -32,8 +34,9 @@ def simplify(mesh: zmesh.Mesh, max_error: float) -> zmesh.Mesh:
     if len(mesh.faces) == 0:
         return mesh
     v = np.asarray(mesh.vertices, dtype=np.float64)
-    lo = v.min(axis=0)  # a lattice point: subtracting it keeps the lattice and the range small
-    extent = float((v.max(axis=0) - lo).max())
+    low, high = bounds(v)
+    lo = np.asarray(low)  # a lattice point: subtracting it keeps the lattice and the range small
+    extent = float((np.asarray(high) - lo).max())
     scale = 1.0
     while 2 * extent * scale > LIMIT:
         scale /= 2

@@ -24,7 +24,6 @@ import functools
 import json
 from collections import defaultdict
 
-import fastremap
 import numpy as np
 import zmesh
 from cloudvolume import Bbox
@@ -36,7 +35,7 @@ from mapbuffer.compression import zstd_compress, zstd_decompress
 from .. import chunk_files, cores, layers, storage
 from ..errors import MagmaError
 from ..meshes import forge as kernel
-from ..meshes import multilod
+from ..meshes import bounds, multilod
 from ..meshes.simplify import simplify
 from ..meshes.shards import buckets, mapkey, pack, spec_for, unpack
 from ..plan import Grid, StepPlan, make_stage
@@ -209,9 +208,8 @@ def forge(params: dict, box: Bbox, paths: dict) -> dict:
         if len(m.faces) == 0:
             return None
         m.vertices += origin
-        # column by column: numpy reduces an (N, 3) array along axis 0 ~20x slower
-        lo_hi = [fastremap.minmax(m.vertices[:, a]) for a in range(3)]
-        bbox = [float(lo) for lo, _ in lo_hi] + [float(hi) for _, hi in lo_hi]
+        lo, hi = bounds(m.vertices)
+        bbox = [float(x) for x in lo + hi]
         return zstd_compress(m.to_precomputed(), FRAGMENT_ZSTD_LEVEL), bbox
 
     # idle cores of this job extract label batches in forks of this task
