@@ -29,6 +29,24 @@ import traceback
 _server: subprocess.Popen | None = None
 _name = ""
 _lock = threading.Lock()
+_used = False  # whether a job was sent: a server nobody used is killed at exit, not waited for
+
+
+def modules_for(config: dict) -> list:
+    """What the jobs of a run of `config` import: the job runner, the modules of its ops
+    and, when the report is on, its plotting. Read from the config as written, before
+    validation, so the server can start before planning: an op name that is not one is
+    left out (planning reports it), and anything else malformed gives the base list."""
+    from .ops import OPS
+
+    base = ["magma.jobs"]
+    try:
+        ops = {s.get("op") for s in (config.get("steps") or {}).values() if isinstance(s, dict)}
+        report = (config.get("execution") or {}).get("report", True) is not False  # the schema's default
+    except AttributeError:
+        return base
+    pictures = ["magma.report", "matplotlib.pyplot"] if report else []
+    return base + [f"magma.ops.{op}" for op in sorted(o for o in ops if o in OPS)] + pictures
 
 
 def start(modules: list) -> None:
@@ -45,8 +63,12 @@ def start(modules: list) -> None:
 
 def _stop() -> None:
     """At exit: let the server wait for its children and wait for it, so that their CPU time
-    counts in this process's (and a benchmark's) resource usage."""
-    if running():
+    counts in this process's (and a benchmark's) resource usage. A server no job used (a dry
+    run, a plan that failed) may still be importing: it is killed."""
+    if running() and not _used:
+        _server.kill()
+        _server.wait()
+    elif running():
         _server.stdin.close()
         try:
             _server.wait(timeout=30)
@@ -61,6 +83,8 @@ def running() -> bool:
 def submit(args) -> int | None:
     """Run a job (a picklable magma.jobs.JobArgs) in a child of the server and wait for it.
     Returns its exit code, or None when the child died without reporting (killed)."""
+    global _used
+    _used = True
     data = pickle.dumps(args)
     with _connect() as conn:
         conn.sendall(struct.pack("!Q", len(data)) + data)

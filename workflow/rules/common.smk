@@ -2,11 +2,7 @@
 # into Snakemake wildcards; and how the `run:` block of a rule starts its job.
 from types import SimpleNamespace
 
-from magma import job_server as magma_job_server, jobs as magma_jobs
-
-# In the process that schedules the jobs, each job forks from a preloaded server
-# (magma.jobs.run); in a process started for one job (a cluster node, a pod) it runs there.
-FORK = not (workflow.remote_exec or workflow.subprocess_exec)
+from magma import jobs as magma_jobs
 
 
 def run_job(entry, params, input, output, log, threads):
@@ -16,16 +12,15 @@ def run_job(entry, params, input, output, log, threads):
 
 
 def start_job_server():
-    """Import magma and the ops of the plan once, in the server local jobs fork from."""
+    """The server local jobs fork from: started while the Snakefile was read (a no-op then),
+    or now if it has exited since."""
     if not FORK:
         return
     if not workflow.use_threads:
         sys.stderr.write("magma: Snakemake was started without the magma workflow profile (it sets"
                          " force-use-threads): every job starts a whole Snakemake process."
                          " Pass --force-use-threads to avoid that.\n")
-    ops = [f"magma.ops.{op}" for op in sorted({s.op for s in PLAN.steps.values()})]
-    pictures = ["magma.report", "matplotlib.pyplot"] if PLAN.config["execution"]["report"] else []
-    magma_job_server.start(["magma.jobs", *ops, *pictures])
+    magma_job_server.start(magma_job_server.modules_for(PLAN.config))
 
 
 def stop_rate_timers():
