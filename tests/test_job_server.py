@@ -28,6 +28,9 @@ def test_modules_for_reads_the_config_as_written():
     assert job_server.modules_for({"steps": ["op"]}) == ["magma.jobs"]
     assert job_server.modules_for({"steps": {}, "execution": "fast"}) == ["magma.jobs"]
     assert job_server.modules_for({}) == ["magma.jobs", "magma.report", "matplotlib.pyplot"]
+    # the demo synthesis is a step of its own when the config has `demo:` (the demo config)
+    assert job_server.modules_for({"demo": {}, "steps": {"a": {"op": "mesh"}}, "execution": {"report": False}}) \
+        == ["magma.jobs", "magma.ops.demo", "magma.ops.mesh"]
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ _used = False  # whether a job was sent: a server nobody used is killed at exit,
 
 def modules_for(config: dict) -> list:
     """What the jobs of a run of `config` import: the job runner, the modules of its ops
-    and, when the report is on, its plotting. Read from the config as written, before
+    (with the demo synthesis when the config has `demo:`, as magma.workflow plans it) and,
+    when the report is on, its plotting. Read from the config as written, before
     validation, so the server can start before planning: an op name that is not one is
     left out (planning reports it), and anything else malformed gives the base list."""
     from .ops import OPS
@@ -42,6 +43,8 @@ def modules_for(config: dict) -> list:
     base = ["magma.jobs"]
     try:
         ops = {s.get("op") for s in (config.get("steps") or {}).values() if isinstance(s, dict)}
+        if "demo" in config:
+            ops.add("demo")
         report = (config.get("execution") or {}).get("report", True) is not False  # the schema's default
     except AttributeError:
         return base
